@@ -1,0 +1,42 @@
+# Every target works on a fresh clone with nothing but python3 and make.
+PYTHON ?= python3
+VENV   ?= .venv
+# torch, torchvision and ray are installed first, pinned to the versions tested here (pip takes these
+# torch builds from this machine's disk). Override on other hosts, e.g.
+# `make TORCH="torch==2.11.0 torchvision==0.26.0"`.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+RAY    ?= ray[data,train]==2.60.0
+STAMP  := $(VENV)/.segpipe-installed
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install -q --disable-pip-version-check
+DEMO   ?= demo-out
+
+.PHONY: venv test demo clean
+
+venv: $(STAMP)
+
+# Rebuilt whenever the dependencies may have changed. .ci/constraints.txt pins the versions tested
+# together: without it pip backtracks for many minutes between s3fs's botocore and moto's boto3.
+$(STAMP): pyproject.toml Makefile .ci/constraints.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -c .ci/constraints.txt $(TORCH) '$(RAY)'
+	$(PIP) -c .ci/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(BIN)/segpipe synth $(DEMO) --images 200 --split train --seed 0 --shard-size 50
+	$(BIN)/segpipe synth $(DEMO) --images 50 --split val --seed 1
+	$(BIN)/segpipe validate $(DEMO)/annotations/panoptic_train.json --images $(DEMO)/train
+	$(BIN)/segpipe validate $(DEMO)/annotations/instances_train.json --images $(DEMO)/train
+	$(BIN)/segpipe validate $(DEMO)/annotations/panoptic_val.json --images $(DEMO)/val
+	$(BIN)/segpipe validate $(DEMO)/annotations/instances_val.json --images $(DEMO)/val
+	@echo "demo dataset: $(DEMO)/ (train: 200 images + 4 tar shards, val: 50 images, COCO instances + panoptic)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(DEMO)

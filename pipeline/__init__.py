@@ -1,0 +1,1 @@
+"""segpipe: label, convert and evaluate segmentation datasets at scale."""

@@ -1,0 +1,1 @@
+"""Reading and writing through fsspec: any URI (file://, memory://, s3://), atomic commits."""

@@ -1,0 +1,253 @@
+"""Plain types that stages pass around, with exact conversions to COCO RLE, COCO panoptic PNG and Arrow."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipeline.errors import SegpipeError
+from pipeline.schemas import arrow_schema
+
+VOID = 0
+MAX_SEGMENT_ID = 256**3 - 1  # the largest id an RGB panoptic PNG can hold
+
+
+@dataclass(frozen=True)
+class Rle:
+    """A binary mask as COCO compressed RLE: column-major run lengths, encoded as a string."""
+
+    counts: str
+    height: int
+    width: int
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> Rle:
+        """Encode a 2-D boolean or 0/1 mask."""
+        if mask.ndim != 2:
+            raise ValueError(f"a mask must be 2-D, got shape {mask.shape}")
+        encoded = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+        return cls(encoded["counts"].decode("ascii"), mask.shape[0], mask.shape[1])
+
+    @classmethod
+    def from_coco(cls, segmentation: dict | list, height: int, width: int) -> Rle:
+        """From a COCO `segmentation`: compressed RLE, uncompressed RLE or polygons."""
+        if isinstance(segmentation, list):  # polygons, rasterised the way pycocotools does
+            rles = mask_utils.frPyObjects(segmentation, height, width)
+            merged = mask_utils.merge(rles) if rles else cls.from_mask(np.zeros((height, width), bool)).to_coco()
+            return cls._from_encoded(merged)
+        if isinstance(segmentation["counts"], list):
+            return cls._from_encoded(mask_utils.frPyObjects(segmentation, height, width))
+        return cls._from_encoded(segmentation)
+
+    @classmethod
+    def _from_encoded(cls, encoded: dict) -> Rle:
+        counts = encoded["counts"]
+        counts = counts.decode("ascii") if isinstance(counts, bytes) else counts
+        return cls(counts, int(encoded["size"][0]), int(encoded["size"][1]))
+
+    def to_coco(self) -> dict:
+        """The COCO form, `{"size": [h, w], "counts": str}`, as result files carry it."""
+        return {"size": [self.height, self.width], "counts": self.counts}
+
+    def _encoded(self) -> dict:
+        return {"size": [self.height, self.width], "counts": self.counts.encode("ascii")}
+
+    def to_mask(self) -> np.ndarray:
+        """Decode to a boolean array of shape (height, width)."""
+        return mask_utils.decode(self._encoded()).astype(bool)
+
+    def area(self) -> int:
+        return int(mask_utils.area(self._encoded()))
+
+    def bbox(self) -> tuple[float, float, float, float]:
+        """Tight box `[x, y, w, h]` of the mask; zeros for an empty mask (as pycocotools)."""
+        return tuple(float(v) for v in mask_utils.toBbox(self._encoded()))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of one image: a thing instance or a stuff region, with its mask."""
+
+    id: int
+    category_id: int
+    rle: Rle
+    area: int
+    bbox: tuple[float, float, float, float]
+    score: float = 1.0
+    iscrowd: bool = False
+
+    @classmethod
+    def from_rle(cls, id: int, category_id: int, rle: Rle, score: float = 1.0,
+                 iscrowd: bool = False) -> Segment:
+        """A segment whose area and box are measured from its mask."""
+        return cls(id, category_id, rle, rle.area(), rle.bbox(), score, iscrowd)
+
+    @classmethod
+    def from_mask(cls, id: int, category_id: int, mask: np.ndarray, score: float = 1.0,
+                  iscrowd: bool = False) -> Segment:
+        return cls.from_rle(id, category_id, Rle.from_mask(mask), score, iscrowd)
+
+    def segment_info(self) -> dict:
+        """The COCO panoptic `segments_info` entry (integer box, as the COCO files carry it)."""
+        return {"id": self.id, "category_id": self.category_id, "iscrowd": int(self.iscrowd),
+                "bbox": [int(v) for v in self.bbox], "area": self.area}
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """All segments of one image (predicted or ground truth)."""
+
+    image_id: int
+    file_name: str
+    height: int
+    width: int
+    segments: tuple[Segment, ...] = ()
+
+    def to_panoptic(self) -> tuple[np.ndarray, list[dict]]:
+        """The panoptic id map (uint32, 0 = VOID) and `segments_info`; segments must not overlap."""
+        ids = np.zeros((self.height, self.width), np.uint32)
+        for segment in self.segments:
+            if not 0 < segment.id <= MAX_SEGMENT_ID:
+                raise ValueError(f"image {self.image_id}: segment id {segment.id} outside 1..{MAX_SEGMENT_ID}")
+            mask = segment.rle.to_mask()
+            if ids[mask].any():
+                raise ValueError(f"image {self.image_id}: segment {segment.id} overlaps another segment")
+            ids[mask] = segment.id
+        return ids, [segment.segment_info() for segment in self.segments]
+
+    @classmethod
+    def from_panoptic(cls, image_id: int, file_name: str, ids: np.ndarray,
+                      segments_info: Sequence[dict]) -> ImagePrediction:
+        """From an id map and its `segments_info`; area and box are measured from the pixels."""
+        segments = tuple(
+            Segment.from_mask(info["id"], info["category_id"], ids == info["id"],
+                              score=float(info.get("score", 1.0)), iscrowd=bool(info.get("iscrowd", 0)))
+            for info in segments_info
+        )
+        return cls(image_id, file_name, ids.shape[0], ids.shape[1], segments)
+
+    def to_coco_results(self) -> list[dict]:
+        """COCO instance results (one dict per segment), as `COCO.loadRes` takes them."""
+        return [
+            {"image_id": self.image_id, "category_id": s.category_id, "segmentation": s.rle.to_coco(),
+             "bbox": list(s.bbox), "area": s.area, "score": s.score}
+            for s in self.segments
+        ]
+
+
+def rle_counts(counts: str) -> list[int]:
+    """Run lengths of a COCO compressed RLE string; ValueError for a malformed one.
+
+    The format (pycocotools' rleToString): each run is a signed number in 6-bit groups, low bits
+    first, written as chr(48 + group); bit 5 says another group follows, bit 4 of the last group is
+    the sign. From the third run on, the number is the difference to the run two places back.
+    """
+    runs: list[int] = []
+    position, length = 0, len(counts)
+    while position < length:
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= length:
+                raise ValueError("the counts string ends inside a run")
+            group = ord(counts[position]) - 48
+            if not 0 <= group < 64:
+                raise ValueError(f"character {counts[position]!r} at {position} is outside the RLE alphabet")
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and group & 0x10:
+                value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError(f"run {len(runs)} has negative length {value}")
+        runs.append(value)
+    return runs
+
+
+# --- COCO panoptic PNG: id = R + 256 G + 256^2 B -----------------------------------------------
+
+
+def ids_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """Panoptic id map to an RGB array (uint8, H x W x 3)."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
+        raise ValueError(f"panoptic ids must lie in 0..{MAX_SEGMENT_ID}")
+    ids = ids.astype(np.uint32)
+    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+
+
+def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
+    """RGB array (H x W x 3) to a panoptic id map (uint32)."""
+    rgb = rgb.astype(np.uint32)
+    return rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)
+
+
+def encode_panoptic_png(ids: np.ndarray, compress_level: int = 1) -> bytes:
+    """PNG bytes of a panoptic id map. Level 1 trades a slightly larger file for a fast write."""
+    buffer = io.BytesIO()
+    Image.fromarray(ids_to_rgb(ids), "RGB").save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def decode_panoptic_png(data: bytes, where: str) -> np.ndarray:
+    """Panoptic id map from PNG bytes; `where` names the file in the error for anything else."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format != "PNG":
+            raise SegpipeError(f"{where}: is a {image.format} file, not a PNG")
+        if image.mode != "RGB":
+            raise SegpipeError(f"{where}: is a {image.mode} PNG; a COCO panoptic PNG is 8-bit RGB")
+        rgb = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises on corrupt files
+        raise SegpipeError(f"{where}: cannot be read as a PNG ({error})") from None
+    return rgb_to_ids(rgb)
+
+
+# --- Arrow: one row per segment, schema from schemas/predictions.json ---------------------------
+
+PREDICTIONS_SCHEMA = arrow_schema("predictions")
+
+
+def predictions_to_arrow(predictions: Iterable[ImagePrediction], run_id: str, model: str) -> pa.Table:
+    """A predictions table (one row per segment); images without segments have no row."""
+    columns: dict[str, list] = {name: [] for name in PREDICTIONS_SCHEMA.names}
+    for prediction in predictions:
+        for s in prediction.segments:
+            for name, value in (
+                ("run_id", run_id), ("model", model), ("image_id", prediction.image_id),
+                ("file_name", prediction.file_name), ("height", prediction.height),
+                ("width", prediction.width), ("segment_id", s.id), ("category_id", s.category_id),
+                ("score", s.score), ("iscrowd", s.iscrowd), ("area", s.area), ("bbox", list(s.bbox)),
+                ("rle", s.rle.counts),
+            ):
+                columns[name].append(value)
+    return pa.Table.from_pydict(columns, schema=PREDICTIONS_SCHEMA)
+
+
+def predictions_from_arrow(table: pa.Table | pa.RecordBatch) -> list[ImagePrediction]:
+    """Images in the order they first appear, each with its segments in row order."""
+    missing = set(PREDICTIONS_SCHEMA.names) - set(table.schema.names)
+    if missing:
+        raise SegpipeError(f"predictions table lacks columns {sorted(missing)}")
+    col = {name: table.column(name).to_pylist() for name in PREDICTIONS_SCHEMA.names if name != "bbox"}
+    boxes = table.column("bbox")
+    boxes = boxes.combine_chunks() if isinstance(boxes, pa.ChunkedArray) else boxes
+    boxes = boxes.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
+    by_image: dict[int, tuple[tuple, list[Segment]]] = {}
+    for i, image_id in enumerate(col["image_id"]):
+        height, width = col["height"][i], col["width"][i]
+        segment = Segment(
+            col["segment_id"][i], col["category_id"][i], Rle(col["rle"][i], height, width),
+            col["area"][i], tuple(float(v) for v in boxes[i]), col["score"][i], col["iscrowd"][i],
+        )
+        header = (col["file_name"][i], height, width)
+        by_image.setdefault(image_id, (header, []))[1].append(segment)
+    return [ImagePrediction(image_id, *header, tuple(segments))
+            for image_id, (header, segments) in by_image.items()]
