@@ -83,6 +83,10 @@ def validate(json_uri: str, folder: str | None = None, images_folder: str | None
     problems += category_problems
     if kind == "panoptic":
         folder = folder or default_folder(json_uri)
+        fs, folder_path = url_to_fs(folder)
+        if not fs.isdir(folder_path):
+            raise SegpipeError(f"{folder}: no such folder; the panoptic PNGs of {json_uri} belong there "
+                               "(or name their folder with --dir)")
         problems += _check_panoptic(json_uri, data["annotations"], images, categories, folder)
         checked = folder
     else:

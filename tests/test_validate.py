@@ -142,6 +142,9 @@ def test_cli_exit_codes_and_one_line_errors(broken, tmp_path):
     bad = rewrite("instances", lambda d: _instance(d, "rle").update(category_id=187))
     result = runner.invoke(app, ["validate", bad])
     assert result.exit_code == 1 and "unknown category_id 187" in result.stdout and "1 problems" in result.stderr
+    shutil.rmtree(root / "annotations" / "panoptic_val")
+    result = runner.invoke(app, ["validate", good])
+    assert result.exit_code == 2 and "panoptic_val: no such folder; the panoptic PNGs of" in result.stderr
     (tmp_path / "corrupt.json").write_text("{not json")
     (tmp_path / "list.json").write_text("[]")
     for path, message in [(tmp_path / "nope.json", "nope.json: no such file"),
