@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -c .ci/constraints.txt $(TORCH) '$(RAY)'
-	$(PIP) -c .ci/constraints.txt -e '.[test]'
+	$(PIP) -c .ci/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -13,9 +13,15 @@ import typer
 from pipeline import synth as synth_stage
 from pipeline import validate as validate_stage
 from pipeline.errors import SegpipeError
+from pipeline.io.fs import write_json
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Label, convert and evaluate segmentation datasets at scale.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate predictions: panoptic quality (pq), COCO AP (ap).")
+app.add_typer(eval_app, name="eval")
+
+Workers = Annotated[int, typer.Option(min=1, help="Parallel Ray tasks; 1 runs in this process. Output does not depend on it.")]
+Address = Annotated[Optional[str], typer.Option(help="Join the Ray cluster at this address instead of starting one.")]
 
 
 def _user_errors(command):
@@ -80,6 +86,28 @@ def validate(
                f"(files checked: {report.checked_files}): {verdict}", err=True)
     if report.problems:
         raise typer.Exit(1)
+
+
+@eval_app.command("pq")
+@_user_errors
+def eval_pq(
+    gt: Annotated[str, typer.Option(help="Ground truth: COCO panoptic JSON.")],
+    pred: Annotated[str, typer.Option(help="Predictions: COCO panoptic JSON, or the predictions Parquet (file or folder).")],
+    gt_dir: Annotated[Optional[str], typer.Option(help="Ground-truth PNG folder (default: GT without .json).")] = None,
+    pred_dir: Annotated[Optional[str], typer.Option(help="Prediction PNG folder (default: PRED without .json).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Write the results JSON here.")] = None,
+    workers: Workers = 1,
+    address: Address = None,
+) -> None:
+    """Panoptic quality (PQ, SQ, RQ) with the semantics of panopticapi's pq_compute."""
+    from pipeline.evaluate.pq import evaluate_pq, format_table
+
+    start = time.perf_counter()
+    result = evaluate_pq(gt, pred, gt_dir=gt_dir, pred_dir=pred_dir, workers=workers, address=address)
+    if out:
+        write_json(out, result)
+    typer.echo(format_table(result))
+    typer.echo(f"evaluated in {time.perf_counter() - start:.1f} s" + (f"; results in {out}" if out else ""))
 
 
 def main() -> None:

@@ -330,3 +330,76 @@ def write_dataset(out: str, config: SynthConfig) -> dict:
                 "categories": categories()})
     return {"images": len(images), "instances": len(instances), "shards": shards_written,
             "segments": sum(len(a["segments_info"]) for a in panoptic)}
+
+
+def perturb_panoptic(ids: np.ndarray, segments_info: list[dict], rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
+    """Predictions made from ground truth by the errors models make: missed and shifted segments,
+    label swaps, splits, merges and spurious blobs. For tests and benchmarks of evaluation."""
+    h, w = ids.shape
+    pred = ids.copy()
+    things = set(THING_SHAPES)
+    info = {s["id"]: {"category_id": s["category_id"], "iscrowd": 0} for s in segments_info}
+    next_id = int(ids.max()) + 1 if ids.size else 1
+
+    def new_id() -> int:
+        nonlocal next_id
+        next_id = next_id % (256**3 - 1) + 1
+        while next_id in info:
+            next_id = next_id % (256**3 - 1) + 1
+        return next_id
+
+    same_class: dict[int, int] = {}
+    for segment in segments_info:
+        sid, mask = segment["id"], ids == segment["id"]
+        roll = rng.random()
+        if roll < 0.1:  # missed
+            pred[mask] = 0
+        elif roll < 0.2:  # label swap within things or within stuff
+            pool = sorted(things if segment["category_id"] in things else STUFF_TEXTURES)
+            info[sid]["category_id"] = pool[rng.integers(len(pool))]
+        elif roll < 0.35:  # shifted by a few pixels
+            dy, dx = rng.integers(-4, 5, 2)
+            pred[mask] = 0
+            pred[np.roll(mask, (int(dy), int(dx)), axis=(0, 1))] = sid
+        elif roll < 0.45:  # split along a vertical line
+            xs = np.nonzero(mask)[1]
+            part = new_id()
+            pred[mask & (np.arange(w)[None, :] > np.median(xs))] = part
+            info[part] = {"category_id": segment["category_id"], "iscrowd": 0}
+        elif segment["category_id"] in same_class and rng.random() < 0.3:  # merged into an earlier one
+            pred[pred == sid] = same_class[segment["category_id"]]
+        same_class.setdefault(segment["category_id"], sid)
+    for _ in range(rng.integers(0, 3)):  # spurious blobs
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(3, min(h, w) / 6)
+        yy, xx = np.ogrid[:h, :w]
+        part = new_id()
+        pred[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = part
+        pool = sorted(things)
+        info[part] = {"category_id": pool[rng.integers(len(pool))], "iscrowd": 0}
+    present, areas = np.unique(pred, return_counts=True)
+    segments = []
+    for sid, area in zip(present.tolist(), areas.tolist()):
+        if sid == 0:
+            continue
+        rle = Rle.from_mask(pred == sid)
+        segments.append({"id": sid, **info[sid], "area": area, "bbox": [int(v) for v in rle.bbox()]})
+    return pred, segments
+
+
+def write_perturbed_panoptic(gt_json: str, out_json: str, seed: int) -> None:
+    """COCO panoptic predictions (JSON + PNG folder) made by `perturb_panoptic` from a ground truth."""
+    from pipeline.io.fs import read_bytes, read_json
+    from pipeline.structures import decode_panoptic_png
+    from pipeline.validate import default_folder
+
+    gt = read_json(gt_json)
+    gt_dir, out_dir = default_folder(gt_json), default_folder(out_json)
+    annotations = []
+    for index, annotation in enumerate(gt["annotations"]):
+        uri = join(gt_dir, annotation["file_name"])
+        ids = decode_panoptic_png(read_bytes(uri), uri)
+        pred, segments = perturb_panoptic(ids, annotation["segments_info"], np.random.default_rng([seed, index]))
+        write_bytes(join(out_dir, annotation["file_name"]), encode_panoptic_png(pred))
+        annotations.append({"image_id": annotation["image_id"], "file_name": annotation["file_name"],
+                            "segments_info": segments})
+    write_json(out_json, {"images": gt["images"], "annotations": annotations, "categories": gt["categories"]})

@@ -100,17 +100,21 @@ def test_panoptic_png_round_trip_is_bit_exact_with_ids_past_65535(height, width)
     np.testing.assert_array_equal(rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2], ids)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
-def test_decoding_a_png_that_is_not_rgb_names_the_file_and_mode(mode):
+@pytest.mark.parametrize("mode, kind", [("L", "8-bit grayscale"), ("RGBA", "8-bit RGBA"), ("P", r"\d+-bit palette"),
+                                        ("I;16", "16-bit grayscale"), ("1", "1-bit grayscale")])
+def test_decoding_a_png_that_is_not_rgb_names_the_file_and_kind(mode, kind):
     buffer = io.BytesIO()
     Image.new(mode, (4, 3)).save(buffer, format="PNG")
-    with pytest.raises(SegpipeError, match=rf"^a/b\.png: is a {mode} PNG"):
+    with pytest.raises(SegpipeError, match=rf"^a/b\.png: is a {kind} PNG; a COCO panoptic PNG is 8-bit RGB"):
         decode_panoptic_png(buffer.getvalue(), "a/b.png")
 
 
 def test_decoding_garbage_or_a_jpeg_is_a_clear_error():
     with pytest.raises(SegpipeError, match="cannot be read as a PNG"):
         decode_panoptic_png(b"not an image", "x.png")
+    whole = encode_panoptic_png(np.arange(64 * 64).reshape(64, 64))
+    with pytest.raises(SegpipeError, match="x.png: cannot be read as a PNG"):
+        decode_panoptic_png(whole[: len(whole) // 2], "x.png")  # truncated
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, format="JPEG")
     with pytest.raises(SegpipeError, match="is a JPEG file, not a PNG"):

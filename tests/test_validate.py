@@ -88,7 +88,7 @@ def test_png_that_is_missing_or_not_a_panoptic_png(broken):
     (folder / "000000000003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     messages = _messages(rewrite("panoptic", lambda d: None))
     assert any("image 1: " in m and "000000000001.png: no such file" in m for m in messages)
-    assert any("image 2: " in m and "is a L PNG; a COCO panoptic PNG is 8-bit RGB" in m for m in messages)
+    assert any("image 2: " in m and "is a 8-bit grayscale PNG; a COCO panoptic PNG is 8-bit RGB" in m for m in messages)
     assert any("image 3: " in m and "cannot be read as a PNG" in m for m in messages)
     assert len(messages) == 3
 
