@@ -110,5 +110,26 @@ def eval_pq(
     typer.echo(f"evaluated in {time.perf_counter() - start:.1f} s" + (f"; results in {out}" if out else ""))
 
 
+@eval_app.command("ap")
+@_user_errors
+def eval_ap(
+    gt: Annotated[str, typer.Option(help="Ground truth: COCO instances JSON.")],
+    pred: Annotated[str, typer.Option(help="Detections: COCO results JSON, or the predictions Parquet (file or folder).")],
+    iou_type: Annotated[str, typer.Option(help="segm (masks) or bbox (boxes).")] = "segm",
+    out: Annotated[Optional[str], typer.Option(help="Write the results JSON here.")] = None,
+    workers: Workers = 1,
+    address: Address = None,
+) -> None:
+    """COCO AP and AR (the 12 COCOeval numbers, and per class) with pycocotools' semantics."""
+    from pipeline.evaluate.ap import evaluate_ap, format_table
+
+    start = time.perf_counter()
+    result = evaluate_ap(gt, pred, iou_type=iou_type, workers=workers, address=address)
+    if out:
+        write_json(out, result)
+    typer.echo(format_table(result))
+    typer.echo(f"evaluated in {time.perf_counter() - start:.1f} s" + (f"; results in {out}" if out else ""))
+
+
 def main() -> None:
     app()

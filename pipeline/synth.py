@@ -403,3 +403,37 @@ def write_perturbed_panoptic(gt_json: str, out_json: str, seed: int) -> None:
         annotations.append({"image_id": annotation["image_id"], "file_name": annotation["file_name"],
                             "segments_info": segments})
     write_json(out_json, {"images": gt["images"], "annotations": annotations, "categories": gt["categories"]})
+
+
+def perturb_instances(gt: dict, rng: np.random.Generator, crowded_images: int = 2) -> list[dict]:
+    """COCO results made from instance ground truth: shifted masks and boxes, misses, spurious
+    detections, scores on a coarse grid (so ties are common), and more than 100 detections on a few
+    images. For tests and benchmarks of AP."""
+    images = {im["id"]: im for im in gt["images"]}
+    categories = [c["id"] for c in gt["categories"]]
+    results = []
+
+    def detection(image_id: int, category_id: int, mask: np.ndarray) -> dict:
+        rle = Rle.from_mask(mask)
+        return {"image_id": image_id, "category_id": category_id, "segmentation": rle.to_coco(),
+                "bbox": list(rle.bbox()), "score": round(float(rng.random()), 1)}
+
+    for a in gt["annotations"]:
+        image = images[a["image_id"]]
+        if a.get("iscrowd") or rng.random() < 0.15:
+            continue
+        mask = Rle.from_coco(a["segmentation"], image["height"], image["width"]).to_mask()
+        dy, dx = rng.integers(-3, 4, 2)
+        category = a["category_id"] if rng.random() < 0.9 else categories[rng.integers(len(categories))]
+        results.append(detection(a["image_id"], category, np.roll(mask, (int(dy), int(dx)), axis=(0, 1))))
+    ids = sorted(images)
+    for index, image_id in enumerate(ids):
+        h, w = images[image_id]["height"], images[image_id]["width"]
+        extra = 120 if index < crowded_images else int(rng.integers(0, 4))
+        for _ in range(extra):
+            y0, x0 = int(rng.integers(0, h - 2)), int(rng.integers(0, w - 2))
+            mask = np.zeros((h, w), bool)
+            mask[y0:y0 + int(rng.integers(2, h // 3)), x0:x0 + int(rng.integers(2, w // 3))] = True
+            results.append(detection(image_id, categories[rng.integers(len(categories))], mask))
+    order = rng.permutation(len(results))  # results files are in no particular order
+    return [results[i] for i in order]
