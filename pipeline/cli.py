@@ -19,6 +19,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Label, convert and evaluate segmentation datasets at scale.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate predictions: panoptic quality (pq), COCO AP (ap).")
 app.add_typer(eval_app, name="eval")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON reports, medians of fresh-process runs.")
+app.add_typer(bench_app, name="bench")
 
 Workers = Annotated[int, typer.Option(min=1, help="Parallel Ray tasks; 1 runs in this process. Output does not depend on it.")]
 Address = Annotated[Optional[str], typer.Option(help="Join the Ray cluster at this address instead of starting one.")]
@@ -129,6 +131,30 @@ def eval_ap(
         write_json(out, result)
     typer.echo(format_table(result))
     typer.echo(f"evaluated in {time.perf_counter() - start:.1f} s" + (f"; results in {out}" if out else ""))
+
+
+@bench_app.command("eval")
+@_user_errors
+def bench_eval(
+    data: Annotated[str, typer.Option(help="Folder for the synthetic data (made once, then reused).")] = "bench-data",
+    images: Annotated[int, typer.Option(min=1, help="Images (COCO val has 5,000).")] = 5000,
+    size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "480x640",
+    repeat: Annotated[int, typer.Option(min=1, help="Runs per measurement; the median is reported.")] = 3,
+    workers: Annotated[str, typer.Option(help="segpipe worker counts to measure, comma-separated.")] = "1,2",
+    out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-eval.json",
+) -> None:
+    """PQ and AP: segpipe against pycocotools, faster-coco-eval and hotcoco on COCO-val-shaped data."""
+    from pathlib import Path
+
+    from pipeline.bench import run
+
+    height, width = _size(size)
+    try:
+        counts = [int(w) for w in workers.split(",")]
+    except ValueError:
+        raise SegpipeError(f"--workers {workers!r}: expected numbers separated by commas") from None
+    run(Path(data), images, height, width, repeat, counts, Path(out), echo=typer.echo)
+    typer.echo(f"report: {out}")
 
 
 def main() -> None:

@@ -405,10 +405,12 @@ def write_perturbed_panoptic(gt_json: str, out_json: str, seed: int) -> None:
     write_json(out_json, {"images": gt["images"], "annotations": annotations, "categories": gt["categories"]})
 
 
-def perturb_instances(gt: dict, rng: np.random.Generator, crowded_images: int = 2) -> list[dict]:
+def perturb_instances(gt: dict, rng: np.random.Generator, crowded_images: int = 2,
+                      fill_to: int | None = None) -> list[dict]:
     """COCO results made from instance ground truth: shifted masks and boxes, misses, spurious
-    detections, scores on a coarse grid (so ties are common), and more than 100 detections on a few
-    images. For tests and benchmarks of AP."""
+    detections, scores on a coarse grid (so ties are common), and more than 100 detections on the
+    first `crowded_images` images. With `fill_to`, every image gets spurious detections up to a random
+    count in [10, fill_to], as a detector's top-k output has. For tests and benchmarks of AP."""
     images = {im["id"]: im for im in gt["images"]}
     categories = [c["id"] for c in gt["categories"]]
     results = []
@@ -427,9 +429,15 @@ def perturb_instances(gt: dict, rng: np.random.Generator, crowded_images: int = 
         category = a["category_id"] if rng.random() < 0.9 else categories[rng.integers(len(categories))]
         results.append(detection(a["image_id"], category, np.roll(mask, (int(dy), int(dx)), axis=(0, 1))))
     ids = sorted(images)
+    per_image = np.bincount([r["image_id"] for r in results], minlength=max(ids) + 1) if results else np.zeros(max(ids) + 1, int)
     for index, image_id in enumerate(ids):
         h, w = images[image_id]["height"], images[image_id]["width"]
-        extra = 120 if index < crowded_images else int(rng.integers(0, 4))
+        if index < crowded_images:
+            extra = 120
+        elif fill_to:
+            extra = max(0, int(rng.integers(10, fill_to + 1)) - int(per_image[image_id]))
+        else:
+            extra = int(rng.integers(0, 4))
         for _ in range(extra):
             y0, x0 = int(rng.integers(0, h - 2)), int(rng.integers(0, w - 2))
             mask = np.zeros((h, w), bool)

@@ -60,7 +60,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(SegpipeError, match="no column 'image' \\(columns: name, pixels\\)"):
         list(read_shard(list_shards(str(tmp_path / "p.parquet"))[0]))
     (tmp_path / "bad.json").write_text('{"images": [1,]}')
-    with pytest.raises(SegpipeError, match="bad.json: invalid JSON at line 1 column 15"):
+    with pytest.raises(SegpipeError, match="bad.json: invalid JSON at line 1 column 14: trailing comma"):
         read_json(str(tmp_path / "bad.json"))
 
 

@@ -90,7 +90,8 @@ def class_stats(category: int, truths: list[Instance], detections: list[Instance
         taken = np.zeros((n_area, n_thr, n_gt), bool)
         ignored_gt = gt_ignored[:, None, :]  # (A, 1, G)
         reverse = np.arange(n_gt)[::-1]
-        for k in range(n_det):
+        # A detection whose best IoU is under the lowest threshold matches nothing at any threshold.
+        for k in np.flatnonzero(ious.max(axis=1) >= IOU_THRESHOLDS[0]).tolist():
             iou = ious[k][None, None, :]
             ok = (~taken | crowd[None, None, :]) & (iou >= thresholds)  # (A, T, G)
             regular = ok & ~ignored_gt
@@ -175,6 +176,13 @@ def summarize(precision: np.ndarray, recall: np.ndarray) -> list[float]:
 # --- reading COCO files the way COCO() and COCO.loadRes() read them ---------------------------
 
 
+def _rle(segmentation: dict | list, height: int, width: int) -> dict:
+    """pycocotools RLE of a COCO segmentation, as COCO.annToRLE makes it (compressed RLE passes as is)."""
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str):
+        return {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
+    return Rle.from_coco(segmentation, height, width)._encoded()
+
+
 def ground_truth_instances(annotations: Sequence[dict], images: dict, iou_type: str) -> dict[tuple, list[Instance]]:
     """Per (image id, category id) ground-truth instances, in file order (COCO.getAnnIds order)."""
     out: dict[tuple, list[Instance]] = {}
@@ -182,7 +190,7 @@ def ground_truth_instances(annotations: Sequence[dict], images: dict, iou_type: 
         image = images[a["image_id"]]
         rle = None
         if iou_type == "segm":
-            rle = Rle.from_coco(a["segmentation"], image["height"], image["width"])._encoded()
+            rle = _rle(a["segmentation"], image["height"], image["width"])
         out.setdefault((a["image_id"], a["category_id"]), []).append(
             Instance(a["id"], a["area"], bool(a.get("iscrowd", 0)), tuple(a["bbox"]), rle))
     return out
@@ -213,9 +221,9 @@ def detection_instances(results: Sequence[dict], images: dict, iou_type: str, bo
             rle = None
             if iou_type == "segm":
                 segmentation = r.get("segmentation") or [[x, y, x, y + bh, x + bw, y + bh, x + bw, y]]
-                rle = Rle.from_coco(segmentation, h, w)._encoded()
+                rle = _rle(segmentation, h, w)
         else:
-            rle = Rle.from_coco(r["segmentation"], h, w)._encoded()
+            rle = _rle(r["segmentation"], h, w)
             area = float(mask_utils.area(rle))
             box = tuple(r["bbox"]) if "bbox" in r else tuple(float(v) for v in mask_utils.toBbox(rle))
         out.setdefault((r["image_id"], r["category_id"]), []).append(

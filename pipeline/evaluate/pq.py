@@ -107,7 +107,10 @@ def image_stats(image_id: object, gt_ids: np.ndarray, gt_segments: Sequence[dict
     g = lookup.index(gt_ids, [s["id"] for s in gt_segments])
     p = lookup.index(pred_ids, pred_keys)
     width = n_pred + 2
-    counts = np.bincount((g.astype(np.int64) * width + p).ravel(), minlength=(n_gt + 2) * width)
+    joint = g  # reuse the gathered array: joint = g * width + p, in place
+    joint *= width
+    joint += p
+    counts = np.bincount(joint.ravel(), minlength=(n_gt + 2) * width)
     counts = counts.reshape(n_gt + 2, width)
     pred_area = counts.sum(axis=0)
     if pred_area[0]:
