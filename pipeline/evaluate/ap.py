@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,133 +24,165 @@ _STATS = ((True, None, 0, 2), (True, 0, 0, 2), (True, 5, 0, 2), (True, None, 1, 
 
 
 @dataclass(frozen=True)
-class Instance:
-    """A ground-truth object or a detection, reduced to what matching needs."""
+class Objects:
+    """One image's ground truth or detections as arrays (file order), reduced to what matching needs."""
 
-    id: int
-    area: float
-    iscrowd: bool
-    box: tuple[float, float, float, float]
-    rle: dict | None  # pycocotools RLE (segm only)
-    score: float = 1.0
+    category: np.ndarray  # position in the sorted category ids
+    area: np.ndarray
+    box: np.ndarray  # (n, 4) COCO [x, y, w, h]
+    rles: list | None  # pycocotools RLEs, segm only
+    crowd: np.ndarray  # ground truth: iscrowd; detections: all False
+    score: np.ndarray  # detections: score; ground truth: ones
+    counts_as_match: np.ndarray  # ground truth: id != 0 (COCOeval stores the id, so id 0 reads as no match)
+
+    def __len__(self) -> int:
+        return len(self.category)
+
+    def take(self, index: np.ndarray) -> Objects:
+        return Objects(self.category[index], self.area[index], self.box[index],
+                       None if self.rles is None else [self.rles[i] for i in index.tolist()],
+                       self.crowd[index], self.score[index], self.counts_as_match[index])
 
 
 @dataclass(frozen=True)
-class ClassStats:
-    """What one image contributes for one category: COCOeval's evaluateImg output, compacted.
+class Statistics:
+    """What a run of images contributes to AP: COCOeval's evaluateImg output, as flat arrays.
 
-    `scores` are the image's top-100 detections by score (stable order); `matched` and `ignored`
-    are (areas, thresholds, detections) flags; `positives` counts non-ignored ground truth per area.
+    One entry per kept detection (the top 100 by score of each image and category), in image order
+    and, within an image and category, in COCOeval's order: `matched` and `ignored` are (areas,
+    thresholds, detections) flags. `positives` counts non-ignored ground truth per (category, area).
     """
 
-    category: int  # position in the sorted category ids
-    scores: np.ndarray
+    category: np.ndarray
+    score: np.ndarray
+    rank: np.ndarray  # position within its image and category, by score
     matched: np.ndarray
     ignored: np.ndarray
     positives: np.ndarray
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[Statistics], n_categories: int) -> Statistics:
+        if not parts:
+            empty = np.zeros((len(AREA_RANGES), len(IOU_THRESHOLDS), 0), bool)
+            return cls(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), empty, empty,
+                       np.zeros((n_categories, len(AREA_RANGES)), np.int64))
+        return cls(np.concatenate([p.category for p in parts]), np.concatenate([p.score for p in parts]),
+                   np.concatenate([p.rank for p in parts]), np.concatenate([p.matched for p in parts], axis=2),
+                   np.concatenate([p.ignored for p in parts], axis=2), np.sum([p.positives for p in parts], axis=0))
 
-def _ious(detections: list[Instance], truths: list[Instance], iou_type: str) -> np.ndarray:
-    crowd = [int(g.iscrowd) for g in truths]
-    if iou_type == "segm":
-        return np.asarray(mask_utils.iou([d.rle for d in detections], [g.rle for g in truths], crowd), np.float64)
-    d = np.asarray([x.box for x in detections], np.float64)
-    g = np.asarray([x.box for x in truths], np.float64)
-    # The arithmetic of pycocotools' bbIou, element by element, so results agree to the bit.
+
+_LOW = np.asarray([a[0] for a in AREA_RANGES], np.float64)[:, None]
+_HIGH = np.asarray([a[1] for a in AREA_RANGES], np.float64)[:, None]
+_THRESHOLDS = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[None, :, None]  # COCOeval's starting IoU per threshold
+
+
+def _box_ious(d: np.ndarray, g: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """pycocotools' bbIou, element by element in the same arithmetic, so results agree to the bit."""
     w = np.minimum(d[:, None, 2] + d[:, None, 0], g[None, :, 2] + g[None, :, 0]) - np.maximum(d[:, None, 0], g[None, :, 0])
     h = np.minimum(d[:, None, 3] + d[:, None, 1], g[None, :, 3] + g[None, :, 1]) - np.maximum(d[:, None, 1], g[None, :, 1])
     inter = w * h
     d_area, g_area = d[:, 2] * d[:, 3], g[:, 2] * g[:, 3]
-    union = np.where(np.asarray(crowd, bool)[None, :], d_area[:, None], d_area[:, None] + g_area[None, :] - inter)
+    union = np.where(crowd[None, :], d_area[:, None], d_area[:, None] + g_area[None, :] - inter)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where((w > 0) & (h > 0), inter / union, 0.0)
 
 
-def class_stats(category: int, truths: list[Instance], detections: list[Instance], iou_type: str) -> ClassStats | None:
-    """COCOeval.evaluateImg for one image and category, all area ranges and IoU thresholds at once."""
-    if not truths and not detections:
-        return None
-    order = np.argsort([-d.score for d in detections], kind="mergesort")
-    detections = [detections[i] for i in order[:MAX_DETS[-1]]]
-    n_area, n_thr, n_det, n_gt = len(AREA_RANGES), len(IOU_THRESHOLDS), len(detections), len(truths)
-    gt_area = np.asarray([g.area for g in truths], np.float64)
-    dt_area = np.asarray([d.area for d in detections], np.float64)
-    crowd = np.asarray([g.iscrowd for g in truths], bool)
-    low = np.asarray([a[0] for a in AREA_RANGES])[:, None]
-    high = np.asarray([a[1] for a in AREA_RANGES])[:, None]
-    gt_ignored = crowd[None, :] | (gt_area[None, :] < low) | (gt_area[None, :] > high)  # (A, G)
+def _ious(dets: Objects, truths: Objects, iou_type: str) -> np.ndarray:
+    """IoU of every detection with every ground truth of its own category; -1 across categories."""
+    same = dets.category[:, None] == truths.category[None, :]
+    if iou_type == "bbox":
+        return np.where(same, _box_ious(dets.box, truths.box, truths.crowd), -1.0)
+    out = np.full(same.shape, -1.0)
+    for k in np.intersect1d(dets.category, truths.category).tolist():
+        d_index, g_index = np.flatnonzero(dets.category == k), np.flatnonzero(truths.category == k)
+        block = mask_utils.iou([dets.rles[i] for i in d_index], [truths.rles[i] for i in g_index],
+                               truths.crowd[g_index].astype(np.uint8).tolist())
+        out[np.ix_(d_index, g_index)] = block
+    return out
+
+
+def image_statistics(truths: Objects, dets: Objects, iou_type: str, n_categories: int) -> Statistics:
+    """COCOeval.evaluateImg for one image: every category, area range and IoU threshold at once.
+
+    Categories never interact (a detection only meets ground truth of its class), so one greedy
+    pass over the image's detections, each category's in COCOeval's score order, gives its matches.
+    """
+    n_area, n_thr = len(AREA_RANGES), len(IOU_THRESHOLDS)
+    # Detections: per category by score (stable: ties keep file order), the top 100.
+    order = np.lexsort((-dets.score, dets.category))
+    category = dets.category[order]
+    starts = np.flatnonzero(np.r_[True, category[1:] != category[:-1]]) if len(order) else np.zeros(0, np.int64)
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    keep = rank < MAX_DETS[-1]
+    dets, rank = dets.take(order[keep]), rank[keep]
+    n_det, n_gt = len(dets), len(truths)
+    gt_ignored = truths.crowd[None, :] | (truths.area[None, :] < _LOW) | (truths.area[None, :] > _HIGH)  # (A, G)
     matched = np.zeros((n_area, n_thr, n_det), bool)
     ignored = np.zeros((n_area, n_thr, n_det), bool)
     if n_gt and n_det:
-        ious = _ious(detections, truths, iou_type)
-        gt_nonzero_id = np.asarray([g.id != 0 for g in truths], bool)
-        # COCOeval sorts ground truth with the ignored last (stable), per area range; the greedy
-        # match then prefers the best non-ignored ground truth, and the last one on IoU ties.
-        thresholds = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[None, :, None]  # (1, T, 1)
+        ious = _ious(dets, truths, iou_type)
         taken = np.zeros((n_area, n_thr, n_gt), bool)
-        ignored_gt = gt_ignored[:, None, :]  # (A, 1, G)
+        ignored_gt = gt_ignored[:, None, :]
         reverse = np.arange(n_gt)[::-1]
         # A detection whose best IoU is under the lowest threshold matches nothing at any threshold.
         for k in np.flatnonzero(ious.max(axis=1) >= IOU_THRESHOLDS[0]).tolist():
             iou = ious[k][None, None, :]
-            ok = (~taken | crowd[None, None, :]) & (iou >= thresholds)  # (A, T, G)
+            ok = (~taken | truths.crowd[None, None, :]) & (iou >= _THRESHOLDS)  # (A, T, G)
+            # COCOeval sorts ground truth ignored-last and stops at the ignored once a regular one
+            # matched: the best regular ground truth wins, else the best ignored; ties go to the last.
             regular = ok & ~ignored_gt
-            has_regular = regular.any(axis=2, keepdims=True)
-            pool = np.where(has_regular, regular, ok & ignored_gt)
+            pool = np.where(regular.any(axis=2, keepdims=True), regular, ok & ignored_gt)
             found = pool.any(axis=2)
             if not found.any():
                 continue
-            # position sorted by (ignored last, original order) -> pick the maximum IoU, last on ties
-            ranked = np.where(pool, iou, -1.0)[:, :, reverse]
-            best = reverse[np.argmax(ranked, axis=2)]  # (A, T)
+            best = reverse[np.argmax(np.where(pool, iou, -2.0)[:, :, reverse], axis=2)]  # (A, T)
             a_idx, t_idx = np.nonzero(found)
             g_idx = best[a_idx, t_idx]
             taken[a_idx, t_idx, g_idx] = True
-            matched[a_idx, t_idx, k] = gt_nonzero_id[g_idx]  # COCOeval stores the gt id; id 0 reads as no match
+            matched[a_idx, t_idx, k] = truths.counts_as_match[g_idx]
             ignored[a_idx, t_idx, k] = gt_ignored[a_idx, g_idx]
-    outside = (dt_area[None, :] < low) | (dt_area[None, :] > high)  # (A, D)
+    outside = (dets.area[None, :] < _LOW) | (dets.area[None, :] > _HIGH)  # (A, D)
     ignored |= ~matched & outside[:, None, :]
-    positives = (~gt_ignored).sum(axis=1)
-    return ClassStats(category, np.asarray([d.score for d in detections], np.float64), matched, ignored, positives)
+    positives = np.stack([np.bincount(truths.category[~gt_ignored[a]], minlength=n_categories)
+                          for a in range(n_area)], axis=1)
+    return Statistics(dets.category, dets.score, rank, matched, ignored, positives)
 
 
-def accumulate(stats: Iterable[ClassStats], n_categories: int) -> tuple[np.ndarray, np.ndarray]:
+def accumulate(stats: Statistics, n_categories: int) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval.accumulate: precision (T, R, K, A, M) and recall (T, K, A, M), -1 where undefined.
 
-    `stats` must come in image order (sorted image ids); within an image, detections are already in
-    COCOeval's order, so a stable sort by score reproduces its handling of ties exactly.
+    `stats` must be in image order (sorted image ids); a stable sort by category, then by score,
+    keeps COCOeval's order of tied scores exactly.
     """
     n_thr, n_rec, n_area, n_max = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(AREA_RANGES), len(MAX_DETS)
     precision = -np.ones((n_thr, n_rec, n_categories, n_area, n_max))
     recall = -np.ones((n_thr, n_categories, n_area, n_max))
-    by_category: list[list[ClassStats]] = [[] for _ in range(n_categories)]
-    for s in stats:
-        by_category[s.category].append(s)
-    for k, entries in enumerate(by_category):
-        if not entries:
+    by_category = np.argsort(stats.category, kind="stable")
+    bounds = np.searchsorted(stats.category[by_category], np.arange(n_categories + 1))
+    for k in range(n_categories):
+        if not stats.positives[k].any():
             continue
-        scores = np.concatenate([e.scores for e in entries])
-        rank = np.concatenate([np.arange(len(e.scores)) for e in entries])
-        matched = np.concatenate([e.matched for e in entries], axis=2)
-        ignored = np.concatenate([e.ignored for e in entries], axis=2)
-        positives = np.sum([e.positives for e in entries], axis=0)
+        entries = by_category[bounds[k]:bounds[k + 1]]
+        scores, rank = stats.score[entries], stats.rank[entries]
         for m, max_det in enumerate(MAX_DETS):
-            keep = rank < max_det
-            order = np.argsort(-scores[keep], kind="mergesort")
-            sorted_scores = scores[keep][order]
+            kept = entries[rank < max_det]
+            order = np.argsort(-stats.score[kept], kind="mergesort")
+            kept = kept[order]
             for a in range(n_area):
-                if positives[a] == 0:
+                positives = stats.positives[k, a]
+                if positives == 0:
                     continue
-                dtm, dtig = matched[a][:, keep][:, order], ignored[a][:, keep][:, order]
+                dtm, dtig = stats.matched[a][:, kept], stats.ignored[a][:, kept]
                 tp_sum = np.cumsum(dtm & ~dtig, axis=1).astype(float)
                 fp_sum = np.cumsum(~dtm & ~dtig, axis=1).astype(float)
                 n_det = tp_sum.shape[1]
-                rc = tp_sum / positives[a]
-                pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
-                recall[:, k, a, m] = rc[:, -1] if n_det else 0
                 if not n_det:
+                    recall[:, k, a, m] = 0
                     precision[:, :, k, a, m] = 0
                     continue
+                rc = tp_sum / positives
+                pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+                recall[:, k, a, m] = rc[:, -1]
                 pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # precision envelope
                 for t in range(n_thr):
                     inds = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
@@ -183,17 +215,17 @@ def _rle(segmentation: dict | list, height: int, width: int) -> dict:
     return Rle.from_coco(segmentation, height, width)._encoded()
 
 
-def ground_truth_instances(annotations: Sequence[dict], images: dict, iou_type: str) -> dict[tuple, list[Instance]]:
-    """Per (image id, category id) ground-truth instances, in file order (COCO.getAnnIds order)."""
-    out: dict[tuple, list[Instance]] = {}
-    for a in annotations:
-        image = images[a["image_id"]]
-        rle = None
-        if iou_type == "segm":
-            rle = _rle(a["segmentation"], image["height"], image["width"])
-        out.setdefault((a["image_id"], a["category_id"]), []).append(
-            Instance(a["id"], a["area"], bool(a.get("iscrowd", 0)), tuple(a["bbox"]), rle))
-    return out
+def truth_objects(annotations: Sequence[dict], image: dict, category_index: dict, iou_type: str) -> Objects:
+    """One image's ground truth as COCO() and COCOeval._prepare see it: area from the file, crowds ignored."""
+    n = len(annotations)
+    rles = None
+    if iou_type == "segm":
+        rles = [_rle(a["segmentation"], image["height"], image["width"]) for a in annotations]
+    return Objects(np.asarray([category_index[a["category_id"]] for a in annotations], np.int64).reshape(n),
+                   np.asarray([a["area"] for a in annotations], np.float64).reshape(n),
+                   np.asarray([a["bbox"] for a in annotations], np.float64).reshape(n, 4), rles,
+                   np.asarray([bool(a.get("iscrowd", 0)) for a in annotations], bool).reshape(n),
+                   np.ones(n), np.asarray([a["id"] != 0 for a in annotations], bool).reshape(n))
 
 
 def loads_as_boxes(results: Sequence[dict]) -> bool:
@@ -201,34 +233,36 @@ def loads_as_boxes(results: Sequence[dict]) -> bool:
     return "bbox" in results[0] and results[0]["bbox"] != []
 
 
-def detection_instances(results: Sequence[dict], images: dict, iou_type: str, box_branch: bool) -> dict[tuple, list[Instance]]:
-    """Per (image id, category id) detections, in file order, as COCO.loadRes prepares them.
+def detection_objects(results: Sequence[dict], image: dict, category_index: dict, iou_type: str,
+                      box_branch: bool) -> Objects:
+    """One image's detections, in file order, as COCO.loadRes prepares them.
 
     In the box branch (`loads_as_boxes`) every result's area is its box's (w * h), even for segm,
     and a missing segmentation becomes the box polygon; otherwise the area is the mask's.
     """
-    out: dict[tuple, list[Instance]] = {}
+    h, w = image["height"], image["width"]
+    areas, boxes, rles = [], [], []
     for r in results:
-        image = images[r["image_id"]]
-        h, w = image["height"], image["width"]
         if "bbox" not in r if box_branch else "segmentation" not in r:
             missing = "bbox" if box_branch else "segmentation"
             raise SegpipeError(f"a result for image {r['image_id']} has no '{missing}' (the first result has one)")
         if box_branch:
             x, y, bw, bh = r["bbox"]
-            area = bw * bh
-            box = (x, y, bw, bh)
-            rle = None
+            areas.append(bw * bh)
+            boxes.append(r["bbox"])
             if iou_type == "segm":
                 segmentation = r.get("segmentation") or [[x, y, x, y + bh, x + bw, y + bh, x + bw, y]]
-                rle = _rle(segmentation, h, w)
+                rles.append(_rle(segmentation, h, w))
         else:
             rle = _rle(r["segmentation"], h, w)
-            area = float(mask_utils.area(rle))
-            box = tuple(r["bbox"]) if "bbox" in r else tuple(float(v) for v in mask_utils.toBbox(rle))
-        out.setdefault((r["image_id"], r["category_id"]), []).append(
-            Instance(1, area, False, box, rle, float(r["score"])))  # loadRes numbers results from 1
-    return out
+            rles.append(rle)
+            areas.append(float(mask_utils.area(rle)))
+            boxes.append(r["bbox"] if "bbox" in r else mask_utils.toBbox(rle).tolist())
+    n = len(results)
+    return Objects(np.asarray([category_index[r["category_id"]] for r in results], np.int64).reshape(n),
+                   np.asarray(areas, np.float64).reshape(n), np.asarray(boxes, np.float64).reshape(n, 4),
+                   rles if iou_type == "segm" else None, np.zeros(n, bool),
+                   np.asarray([r["score"] for r in results], np.float64).reshape(n), np.ones(n, bool))
 
 
 # --- datasets ----------------------------------------------------------------------------------
@@ -306,7 +340,7 @@ def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 
                              tuple(a for i in ids for a in truths_by_image.get(i, [])),
                              None if parquet else tuple(r for i in ids for r in results_by_image.get(i, [])),
                              tuple(parquet), box_branch, category_index, iou_type))
-    stats = [s for shard_stats in map_shards(_evaluate_shard, shards, workers, address) for s in shard_stats]
+    stats = Statistics.concatenate(map_shards(_evaluate_shard, shards, workers, address), len(category_ids))
     precision, recall = accumulate(stats, len(category_ids))
     summary = summarize(precision, recall)
     per_class = {}
@@ -329,25 +363,29 @@ def _check_categories(seen: set, category_index: dict, where: str) -> None:
         raise SegpipeError(f"{where}: unknown category_id {unknown[0]} (not in the ground truth's categories)")
 
 
-def _evaluate_shard(shard: _Shard) -> list[ClassStats]:
+def _evaluate_shard(shard: _Shard) -> Statistics:
     results = shard.results
     if results is None:
         from pipeline.io.tables import read_predictions
 
         results = [r for p in read_predictions(shard.parquet, image_ids=shard.image_ids) for r in p.to_coco_results()]
-        # the table's row order is not COCO's file order: restore the shard's image order, keep row order within
-        position = {image_id: i for i, image_id in enumerate(shard.image_ids)}
-        results.sort(key=lambda r: position[r["image_id"]])
-    truths = ground_truth_instances(shard.truths, shard.images, shard.iou_type)
-    detections = detection_instances(results, shard.images, shard.iou_type, shard.box_branch)
-    out = []
+    truths_by_image: dict[int, list[dict]] = {}
+    for a in shard.truths:
+        truths_by_image.setdefault(a["image_id"], []).append(a)
+    results_by_image: dict[int, list[dict]] = {}
+    for r in results:
+        results_by_image.setdefault(r["image_id"], []).append(r)
+    n_categories = len(shard.category_index)
+    parts = []
     for image_id in shard.image_ids:
-        for category_id, k in shard.category_index.items():
-            s = class_stats(k, truths.get((image_id, category_id), []), detections.get((image_id, category_id), []),
-                            shard.iou_type)
-            if s is not None:
-                out.append(s)
-    return out
+        truths, dets = truths_by_image.get(image_id, []), results_by_image.get(image_id, [])
+        if truths or dets:
+            image = shard.images[image_id]
+            parts.append(image_statistics(truth_objects(truths, image, shard.category_index, shard.iou_type),
+                                          detection_objects(dets, image, shard.category_index, shard.iou_type,
+                                                            shard.box_branch),
+                                          shard.iou_type, n_categories))
+    return Statistics.concatenate(parts, n_categories)
 
 
 def format_table(result: dict) -> str:
