@@ -62,12 +62,13 @@ class _IdLookup:
     def __init__(self) -> None:
         self.table = np.zeros(256**3, np.int32)
 
-    def index(self, ids: np.ndarray, segment_ids: Sequence[int]) -> np.ndarray:
+    def index(self, ids: np.ndarray, segment_ids: Sequence[int], scale: int = 1) -> np.ndarray:
+        """The index of every pixel's id, times `scale` (so two maps combine with one add)."""
         keys = np.asarray(segment_ids, np.int64)
-        self.table[VOID] = 1
-        self.table[keys] = np.arange(2, len(keys) + 2, dtype=np.int32)
+        self.table[VOID] = scale
+        self.table[keys] = np.arange(2, len(keys) + 2, dtype=np.int32) * scale
         try:
-            return self.table[ids]
+            return np.take(self.table, ids)  # np.take gathers about twice as fast as table[ids]
         finally:
             self.table[keys] = 0
             self.table[VOID] = 0
@@ -104,14 +105,11 @@ def image_stats(image_id: object, gt_ids: np.ndarray, gt_segments: Sequence[dict
         if s["category_id"] not in category_index:
             raise SegpipeError(f"{where}: image {image_id}: segment {s['id']} has unknown category_id {s['category_id']}")
     lookup = _lookup()
-    g = lookup.index(gt_ids, [s["id"] for s in gt_segments])
-    p = lookup.index(pred_ids, pred_keys)
     width = n_pred + 2
-    joint = g  # reuse the gathered array: joint = g * width + p, in place
-    joint *= width
-    joint += p
-    counts = np.bincount(joint.ravel(), minlength=(n_gt + 2) * width)
-    counts = counts.reshape(n_gt + 2, width)
+    p = lookup.index(pred_ids, pred_keys)
+    joint = lookup.index(gt_ids, [s["id"] for s in gt_segments], scale=width)
+    joint += p  # (gt index) * width + (pred index)
+    counts = np.bincount(joint.ravel(), minlength=(n_gt + 2) * width).reshape(n_gt + 2, width)
     pred_area = counts.sum(axis=0)
     if pred_area[0]:
         stray = np.unique(pred_ids[p == 0])[0]
