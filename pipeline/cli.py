@@ -22,8 +22,8 @@ app.add_typer(eval_app, name="eval")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON reports, medians of fresh-process runs.")
 app.add_typer(bench_app, name="bench")
 
-Workers = Annotated[int, typer.Option(min=1, help="Parallel Ray tasks; 1 runs in this process. Output does not depend on it.")]
-Address = Annotated[Optional[str], typer.Option(help="Join the Ray cluster at this address instead of starting one.")]
+Workers = Annotated[int, typer.Option(min=1, help="Local worker processes; 1 runs in this process. Output does not depend on it.")]
+Address = Annotated[Optional[str], typer.Option(help="Run the shards as Ray tasks on this cluster (auto, host:port, ray://...).")]
 
 
 def _user_errors(command):

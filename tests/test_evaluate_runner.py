@@ -1,0 +1,49 @@
+"""Shards as Ray tasks on a real local Ray instance: same numbers as in-process, user errors as one line."""
+
+import json
+
+import pytest
+
+from pipeline.errors import SegpipeError
+from pipeline.evaluate.ap import evaluate_ap
+from pipeline.evaluate.pq import evaluate_pq
+from pipeline.evaluate.runner import map_shards
+from pipeline.io.fs import read_json
+from pipeline.synth import perturb_instances, write_perturbed_panoptic
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield "auto"
+    ray.shutdown()
+
+
+def test_ray_tasks_give_the_in_process_results(ray_cluster, dataset, tmp_path):
+    import numpy as np
+
+    gt_panoptic = str(dataset / "annotations" / "panoptic_val.json")
+    pred = str(tmp_path / "panoptic_pred.json")
+    write_perturbed_panoptic(gt_panoptic, pred, seed=4)
+    assert evaluate_pq(gt_panoptic, pred, address=ray_cluster, shard_size=5) == evaluate_pq(gt_panoptic, pred)
+    gt_instances = dataset / "annotations" / "instances_val.json"
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(perturb_instances(json.loads(gt_instances.read_text()), np.random.default_rng(1))))
+    for iou_type in ("segm", "bbox"):
+        on_ray = evaluate_ap(str(gt_instances), str(results), iou_type, address=ray_cluster, shard_size=4)
+        assert on_ray == evaluate_ap(str(gt_instances), str(results), iou_type)
+
+
+def test_user_errors_inside_ray_tasks_and_worker_processes_come_back_as_one_line(ray_cluster, tmp_path):
+    # Shards must be importable where they run (tests/ is not on a Ray worker's path): use a package function.
+    good = [tmp_path / f"{i}.json" for i in range(3)]
+    for i, path in enumerate(good):
+        path.write_text(json.dumps({"shard": i}))
+    shards = [str(p) for p in good]
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(SegpipeError, match="^.*missing.json: no such file$"):
+        map_shards(read_json, [*shards, missing], address=ray_cluster)
+    with pytest.raises(SegpipeError, match="^.*missing.json: no such file$"):
+        map_shards(read_json, [*shards, missing], workers=2)
+    assert map_shards(read_json, shards, workers=2) == [{"shard": 0}, {"shard": 1}, {"shard": 2}]
