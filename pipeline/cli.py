@@ -90,6 +90,13 @@ def validate(
         raise typer.Exit(1)
 
 
+def _report(result: dict, table: str, out: str | None, start: float) -> None:
+    if out:
+        write_json(out, result)
+    typer.echo(table)
+    typer.echo(f"evaluated in {time.perf_counter() - start:.1f} s" + (f"; results in {out}" if out else ""))
+
+
 @eval_app.command("pq")
 @_user_errors
 def eval_pq(
@@ -106,10 +113,7 @@ def eval_pq(
 
     start = time.perf_counter()
     result = evaluate_pq(gt, pred, gt_dir=gt_dir, pred_dir=pred_dir, workers=workers, address=address)
-    if out:
-        write_json(out, result)
-    typer.echo(format_table(result))
-    typer.echo(f"evaluated in {time.perf_counter() - start:.1f} s" + (f"; results in {out}" if out else ""))
+    _report(result, format_table(result), out, start)
 
 
 @eval_app.command("ap")
@@ -127,10 +131,7 @@ def eval_ap(
 
     start = time.perf_counter()
     result = evaluate_ap(gt, pred, iou_type=iou_type, workers=workers, address=address)
-    if out:
-        write_json(out, result)
-    typer.echo(format_table(result))
-    typer.echo(f"evaluated in {time.perf_counter() - start:.1f} s" + (f"; results in {out}" if out else ""))
+    _report(result, format_table(result), out, start)
 
 
 @bench_app.command("eval")
