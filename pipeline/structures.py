@@ -209,10 +209,18 @@ _PNG_COLOR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha"
 
 
 def decode_panoptic_png(data: bytes, where: str) -> np.ndarray:
-    """Panoptic id map from PNG bytes; `where` names the file in the error for anything else.
+    """Panoptic id map (uint32) from PNG bytes; `where` names the file in the error for anything else."""
+    ids = panoptic_words(data, where)
+    ids &= 0xFFFFFF
+    return ids
 
-    The header is checked first (8-bit RGB is the only panoptic PNG), then pyspng decodes: it is
-    about 4x faster than Pillow on these files, and evaluation decodes two PNGs per image.
+
+def panoptic_words(data: bytes, where: str) -> np.ndarray:
+    """A panoptic PNG decoded to uint32 words R + 256 G + 256^2 B + 256^3 * 255: the id plus an alpha byte.
+
+    The header is checked first (8-bit RGB is the only panoptic PNG), then pyspng decodes to RGBA,
+    which makes each pixel one aligned little-endian word: no per-channel arithmetic. pyspng is about
+    4x faster than Pillow on these files, and evaluation decodes two per image.
     """
     if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
         kind = Image.open(io.BytesIO(data)).format if _opens(data) else None
@@ -222,10 +230,10 @@ def decode_panoptic_png(data: bytes, where: str) -> np.ndarray:
         kind = _PNG_COLOR_TYPES.get(color_type, f"color type {color_type}")
         raise SegpipeError(f"{where}: is a {bit_depth}-bit {kind} PNG; a COCO panoptic PNG is 8-bit RGB")
     try:
-        rgb = pyspng.load(data)
+        rgba = pyspng.load(data, format="RGBA")
     except Exception as error:  # pyspng raises a bare Exception for corrupt data
         raise SegpipeError(f"{where}: cannot be read as a PNG ({error})") from None
-    return rgb_to_ids(rgb)
+    return rgba.view("<u4")[..., 0]
 
 
 def _opens(data: bytes) -> bool:
