@@ -9,6 +9,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline.errors import SegpipeError
+from pipeline.evaluate.runner import without_cyclic_gc
 from pipeline.structures import Rle
 
 # COCOeval's parameters for segm and bbox, built the way pycocotools builds them (the same floats).
@@ -241,23 +242,22 @@ def detection_objects(results: Sequence[dict], image: dict, category_index: dict
     and a missing segmentation becomes the box polygon; otherwise the area is the mask's.
     """
     h, w = image["height"], image["width"]
-    areas, boxes, rles = [], [], []
-    for r in results:
-        if "bbox" not in r if box_branch else "segmentation" not in r:
-            missing = "bbox" if box_branch else "segmentation"
-            raise SegpipeError(f"a result for image {r['image_id']} has no '{missing}' (the first result has one)")
-        if box_branch:
-            x, y, bw, bh = r["bbox"]
-            areas.append(bw * bh)
-            boxes.append(r["bbox"])
-            if iou_type == "segm":
+    key = "bbox" if box_branch else "segmentation"
+    missing = next((r for r in results if key not in r), None)
+    if missing is not None:
+        raise SegpipeError(f"a result for image {missing['image_id']} has no '{key}' (the first result has one)")
+    rles = []
+    if box_branch:
+        boxes = [r["bbox"] for r in results]
+        areas = [b[2] * b[3] for b in boxes]
+        if iou_type == "segm":
+            for r, (x, y, bw, bh) in zip(results, boxes):
                 segmentation = r.get("segmentation") or [[x, y, x, y + bh, x + bw, y + bh, x + bw, y]]
                 rles.append(_rle(segmentation, h, w))
-        else:
-            rle = _rle(r["segmentation"], h, w)
-            rles.append(rle)
-            areas.append(float(mask_utils.area(rle)))
-            boxes.append(r["bbox"] if "bbox" in r else mask_utils.toBbox(rle).tolist())
+    else:
+        rles = [_rle(r["segmentation"], h, w) for r in results]
+        areas = [float(a) for a in mask_utils.area(rles)] if rles else []
+        boxes = [r["bbox"] if "bbox" in r else mask_utils.toBbox(rle).tolist() for r, rle in zip(results, rles)]
     n = len(results)
     return Objects(np.asarray([category_index[r["category_id"]] for r in results], np.int64).reshape(n),
                    np.asarray(areas, np.float64).reshape(n), np.asarray(boxes, np.float64).reshape(n, 4),
@@ -272,14 +272,15 @@ def detection_objects(results: Sequence[dict], image: dict, category_index: dict
 class _Shard:
     image_ids: tuple[int, ...]  # sorted, as COCOeval orders images
     images: dict
-    truths: tuple[dict, ...]
-    results: tuple[dict, ...] | None  # None: read this shard's rows from the Parquet files
+    truths: tuple[list[dict], ...]  # per image, in file order
+    results: tuple[list[dict], ...] | None  # per image, in file order; None: read from the Parquet files
     parquet: tuple[str, ...]
     box_branch: bool
     category_index: dict[int, int]
     iou_type: str
 
 
+@without_cyclic_gc
 def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 1, address: str | None = None,
                 shard_size: int = 100) -> dict:
     """COCO AP of a results JSON or the predictions Parquet against a COCO instances file.
@@ -337,8 +338,8 @@ def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 
     for start in range(0, len(order), shard_size):
         ids = tuple(order[start:start + shard_size])
         shards.append(_Shard(ids, {i: images[i] for i in ids},
-                             tuple(a for i in ids for a in truths_by_image.get(i, [])),
-                             None if parquet else tuple(r for i in ids for r in results_by_image.get(i, [])),
+                             tuple(truths_by_image.get(i, []) for i in ids),
+                             None if parquet else tuple(results_by_image.get(i, []) for i in ids),
                              tuple(parquet), box_branch, category_index, iou_type))
     stats = Statistics.concatenate(map_shards(_evaluate_shard, shards, workers, address), len(category_ids))
     precision, recall = accumulate(stats, len(category_ids))
@@ -363,22 +364,17 @@ def _check_categories(seen: set, category_index: dict, where: str) -> None:
         raise SegpipeError(f"{where}: unknown category_id {unknown[0]} (not in the ground truth's categories)")
 
 
+@without_cyclic_gc
 def _evaluate_shard(shard: _Shard) -> Statistics:
     results = shard.results
     if results is None:
         from pipeline.io.tables import read_predictions
 
-        results = [r for p in read_predictions(shard.parquet, image_ids=shard.image_ids) for r in p.to_coco_results()]
-    truths_by_image: dict[int, list[dict]] = {}
-    for a in shard.truths:
-        truths_by_image.setdefault(a["image_id"], []).append(a)
-    results_by_image: dict[int, list[dict]] = {}
-    for r in results:
-        results_by_image.setdefault(r["image_id"], []).append(r)
+        by_image = {p.image_id: p.to_coco_results() for p in read_predictions(shard.parquet, image_ids=shard.image_ids)}
+        results = tuple(by_image.get(i, []) for i in shard.image_ids)
     n_categories = len(shard.category_index)
     parts = []
-    for image_id in shard.image_ids:
-        truths, dets = truths_by_image.get(image_id, []), results_by_image.get(image_id, [])
+    for image_id, truths, dets in zip(shard.image_ids, shard.truths, results):
         if truths or dets:
             image = shard.images[image_id]
             parts.append(image_statistics(truth_objects(truths, image, shard.category_index, shard.iou_type),

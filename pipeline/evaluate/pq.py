@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import SegpipeError
+from pipeline.evaluate.runner import without_cyclic_gc
 
 VOID = 0
 
@@ -209,6 +210,7 @@ class _Shard:
     category_index: dict[int, int]
 
 
+@without_cyclic_gc
 def evaluate_pq(gt_json: str, pred: str, gt_dir: str | None = None, pred_dir: str | None = None,
                 workers: int = 1, address: str | None = None, shard_size: int = 50) -> dict:
     """PQ of predictions (COCO panoptic JSON + PNGs, or the predictions Parquet) against COCO panoptic GT.
@@ -287,18 +289,21 @@ def _check_parquet_images(files: list[str], gt_images: set) -> None:
                            + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""))
 
 
+@without_cyclic_gc
 def _evaluate_shard(shard: _Shard) -> PQStats:
-    from pipeline.io.fs import join, read_bytes
+    from pipeline.io.fs import join
     from pipeline.structures import panoptic_words
 
     stats = PQStats.zeros(len(shard.category_index))
     table_predictions = _table_predictions(shard) if shard.pred_dir is None else {}
+    gt_files = _Folder(shard.gt_dir)
+    pred_files = _Folder(shard.pred_dir) if shard.pred_dir is not None else None
     for gt_ann, pred_ann in shard.pairs:
         gt_uri = join(shard.gt_dir, gt_ann["file_name"])
-        gt_ids = panoptic_words(read_bytes(gt_uri), gt_uri)
-        if shard.pred_dir is not None:
+        gt_ids = panoptic_words(gt_files.read(gt_ann["file_name"]), gt_uri)
+        if pred_files is not None:
             pred_uri = join(shard.pred_dir, pred_ann["file_name"])
-            pred_ids = panoptic_words(read_bytes(pred_uri), pred_uri)
+            pred_ids = panoptic_words(pred_files.read(pred_ann["file_name"]), pred_uri)
             pred_segments, where = pred_ann.get("segments_info", []), pred_uri
         else:
             prediction = table_predictions.get(gt_ann["image_id"])
@@ -310,6 +315,22 @@ def _evaluate_shard(shard: _Shard) -> PQStats:
         stats += image_stats(gt_ann["image_id"], gt_ids, gt_ann["segments_info"], pred_ids, pred_segments,
                              shard.category_index, where)
     return stats
+
+
+class _Folder:
+    """Files of one folder, its filesystem resolved once rather than per file."""
+
+    def __init__(self, uri: str) -> None:
+        from pipeline.io.fs import url_to_fs
+
+        self.uri = uri
+        self.fs, self.root = url_to_fs(uri)
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.fs.cat_file(f"{self.root.rstrip('/')}/{name}")
+        except FileNotFoundError:
+            raise SegpipeError(f"{self.uri.rstrip('/')}/{name}: no such file") from None
 
 
 def _table_predictions(shard: _Shard) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -11,6 +13,24 @@ from pipeline.errors import SegpipeError
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def without_cyclic_gc(fn: Callable[..., R]) -> Callable[..., R]:
+    """Run `fn` with Python's cyclic garbage collector paused.
+
+    COCO files parse into millions of small acyclic objects (freed by reference counting anyway);
+    the collector's repeated scans of them cost about a second per 5,000-image evaluation.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+    return wrapper
 
 
 def map_shards(fn: Callable[[T], R], shards: Sequence[T], workers: int = 1, address: str | None = None) -> list[R]:
