@@ -1,0 +1,59 @@
+"""Model adapters: torchvision Mask R-CNN built offline, weights from paths and URIs, clear errors."""
+
+import io
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import SegpipeError
+from pipeline.models import ModelSettings, load_model
+from pipeline.models.maskrcnn import COCO_THING_IDS
+
+SMALL = {"min_size": 96, "max_size": 128, "score_threshold": 0.0}  # keeps CPU inference quick
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (80, 112, 3), dtype=np.uint8), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+
+
+def test_random_maskrcnn_predicts_valid_segments_with_coco_ids(images):
+    torch.manual_seed(0)
+    model = load_model("maskrcnn_resnet50_fpn", ModelSettings(random_weights=True, **SMALL))
+    predictions = model.predict(images, [1, 2], ["a.jpg", "b.jpg"])
+    assert [(p.image_id, p.height, p.width) for p in predictions] == [(1, 80, 112), (2, 64, 64)]
+    segments = [s for p in predictions for s in p.segments]
+    assert segments, "a random Mask R-CNN with score threshold 0 still detects something"
+    assert all(s.category_id in COCO_THING_IDS and 0.0 <= s.score <= 1.0 for s in segments)
+    assert all(s.rle.height == p.height and s.area == s.rle.area() for p in predictions for s in p.segments)
+
+
+def test_weights_load_from_a_path_and_an_fsspec_uri_and_give_the_same_outputs(images, tmp_path):
+    torch.manual_seed(1)
+    source = load_model("maskrcnn_resnet50_fpn_v2", ModelSettings(random_weights=True, **SMALL))
+    buffer = io.BytesIO()
+    torch.save(source.module.state_dict(), buffer)
+    (tmp_path / "w.pt").write_bytes(buffer.getvalue())
+    fsspec.filesystem("memory").pipe("/models/w.pt", buffer.getvalue())
+    expected = source.predict(images[:1], [1], ["a.jpg"])
+    for uri in (str(tmp_path / "w.pt"), "memory://models/w.pt"):
+        loaded = load_model("maskrcnn_resnet50_fpn_v2", ModelSettings(weights=uri, **SMALL))
+        assert loaded.predict(images[:1], [1], ["a.jpg"]) == expected
+
+
+def test_weight_errors_name_the_file_and_the_architecture(tmp_path):
+    with pytest.raises(SegpipeError, match="maskrcnn_resnet50_fpn: no weights given"):
+        load_model("maskrcnn_resnet50_fpn", ModelSettings(**SMALL))
+    with pytest.raises(SegpipeError, match="missing.pt: no such file"):
+        load_model("maskrcnn_resnet50_fpn", ModelSettings(weights=str(tmp_path / "missing.pt"), **SMALL))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SegpipeError, match="junk.pt: not a readable PyTorch checkpoint"):
+        load_model("maskrcnn_resnet50_fpn", ModelSettings(weights=str(tmp_path / "junk.pt"), **SMALL))
+    torch.save({"backbone.body.conv1.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(SegpipeError, match="other.pt: does not fit maskrcnn_resnet50_fpn_v2"):
+        load_model("maskrcnn_resnet50_fpn_v2", ModelSettings(weights=str(tmp_path / "other.pt"), **SMALL))
+    with pytest.raises(SegpipeError, match="unknown model 'yolo'"):
+        load_model("yolo")
