@@ -288,9 +288,9 @@ def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 
     Per-image statistics are computed in shards of `shard_size` images (in sorted image-id order)
     and reduced on the driver in that order, so the output does not depend on `workers`.
     """
-    from pipeline.evaluate.pq import _parquet_files
     from pipeline.evaluate.runner import map_shards
     from pipeline.io.fs import read_json
+    from pipeline.io.tables import parquet_files
 
     if iou_type not in ("segm", "bbox"):
         raise SegpipeError(f"--iou-type {iou_type!r}: use segm or bbox")
@@ -300,7 +300,7 @@ def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 
     images = {im["id"]: im for im in gt["images"]}
     category_ids = sorted({c["id"] for c in gt["categories"]})
     category_index = {c: i for i, c in enumerate(category_ids)}
-    parquet = _parquet_files(pred)
+    parquet = parquet_files(pred)
     results_by_image: dict[int, list[dict]] = {}
     if parquet:
         box_branch = True  # the table's rows carry boxes, as its COCO results export does

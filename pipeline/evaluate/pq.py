@@ -220,6 +220,7 @@ def evaluate_pq(gt_json: str, pred: str, gt_dir: str | None = None, pred_dir: st
     """
     from pipeline.evaluate.runner import map_shards
     from pipeline.io.fs import read_json
+    from pipeline.io.tables import parquet_files
     from pipeline.validate import default_folder
 
     gt = read_json(gt_json)
@@ -228,7 +229,7 @@ def evaluate_pq(gt_json: str, pred: str, gt_dir: str | None = None, pred_dir: st
     categories = gt["categories"]
     category_index = {c["id"]: i for i, c in enumerate(categories)}
     gt_images = {a["image_id"] for a in gt["annotations"]}
-    parquet = _parquet_files(pred)
+    parquet = parquet_files(pred)
     if parquet:
         pairs = [(a, None) for a in gt["annotations"]]
         _check_parquet_images(parquet, gt_images)
@@ -256,23 +257,6 @@ def evaluate_pq(gt_json: str, pred: str, gt_dir: str | None = None, pred_dir: st
     for stats in map_shards(_evaluate_shard, shards, workers, address):
         total += stats
     return summarize(total, categories)
-
-
-def _parquet_files(pred: str) -> list[str]:
-    """The Parquet files of a predictions table (a file or a folder of them); [] for a JSON file."""
-    from pipeline.io.fs import is_hidden, url_to_fs
-
-    fs, path = url_to_fs(pred)
-    if path.endswith(".parquet"):
-        if not fs.isfile(path):
-            raise SegpipeError(f"{pred}: no such file")
-        return [fs.unstrip_protocol(path)]
-    if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not is_hidden(p[len(path):]))
-        if not files:
-            raise SegpipeError(f"{pred}: a folder without .parquet files")
-        return [fs.unstrip_protocol(p) for p in files]
-    return []
 
 
 def _check_parquet_images(files: list[str], gt_images: set) -> None:

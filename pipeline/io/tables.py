@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.errors import SegpipeError
-from pipeline.io.fs import atomic_write, url_to_fs
+from pipeline.io.fs import atomic_write, is_hidden, url_to_fs
 from pipeline.structures import ImagePrediction, predictions_from_arrow, predictions_to_arrow
 
 
@@ -54,3 +54,18 @@ def read_predictions(files: Sequence[str], image_ids: Sequence[int] | None = Non
     except (pa.ArrowInvalid, OSError) as error:
         raise SegpipeError(f"{files[0]}: cannot be read as Parquet ({error})") from None
     return predictions_from_arrow(table)
+
+
+def parquet_files(pred: str) -> list[str]:
+    """The Parquet files of a predictions table (a file or a folder of them); [] for a JSON file."""
+    fs, path = url_to_fs(pred)
+    if path.endswith(".parquet"):
+        if not fs.isfile(path):
+            raise SegpipeError(f"{pred}: no such file")
+        return [fs.unstrip_protocol(path)]
+    if fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not is_hidden(p[len(path):]))
+        if not files:
+            raise SegpipeError(f"{pred}: a folder without .parquet files")
+        return [fs.unstrip_protocol(p) for p in files]
+    return []
