@@ -57,3 +57,25 @@ def test_weight_errors_name_the_file_and_the_architecture(tmp_path):
         load_model("maskrcnn_resnet50_fpn_v2", ModelSettings(weights=str(tmp_path / "other.pt"), **SMALL))
     with pytest.raises(SegpipeError, match="unknown model 'yolo'"):
         load_model("yolo")
+
+
+def test_panoptic_model_gives_non_overlapping_things_and_stuff(images, tmp_path):
+    from pipeline.fusion import FusionConfig
+    from pipeline.models.panoptic import STUFF_IDS
+
+    torch.manual_seed(2)
+    settings = ModelSettings(random_weights=True, fusion=FusionConfig(score_threshold=0.0, stuff_area_threshold=16), **SMALL)
+    model = load_model("panoptic_maskrcnn_deeplabv3", settings)
+    predictions = model.predict(images, [1, 2], ["a.jpg", "b.jpg"])
+    for prediction in predictions:
+        ids, info = prediction.to_panoptic()  # raises if segments overlap
+        assert ids.shape == (prediction.height, prediction.width)
+        assert {s["category_id"] for s in info} <= set(COCO_THING_IDS) | set(STUFF_IDS)
+    assert any(s.category_id in STUFF_IDS for p in predictions for s in p.segments)
+    torch.save(model.module.state_dict(), tmp_path / "p.pt")
+    again = load_model("panoptic_maskrcnn_deeplabv3", ModelSettings(weights=str(tmp_path / "p.pt"),
+                                                                     fusion=settings.fusion, **SMALL))
+    assert again.predict(images, [1, 2], ["a.jpg", "b.jpg"]) == predictions
+    torch.save(model.module["instance"].state_dict(), tmp_path / "instance_only.pt")
+    with pytest.raises(SegpipeError, match="instance_only.pt: does not fit panoptic_maskrcnn_deeplabv3"):
+        load_model("panoptic_maskrcnn_deeplabv3", ModelSettings(weights=str(tmp_path / "instance_only.pt"), **SMALL))

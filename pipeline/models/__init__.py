@@ -5,10 +5,12 @@ from __future__ import annotations
 from pipeline.errors import SegpipeError
 from pipeline.models.base import InstanceModel, ModelSettings
 from pipeline.models.maskrcnn import build_maskrcnn, build_maskrcnn_v2
+from pipeline.models.panoptic import build_panoptic
 
 BUILDERS = {
     "maskrcnn_resnet50_fpn": build_maskrcnn,
     "maskrcnn_resnet50_fpn_v2": build_maskrcnn_v2,
+    "panoptic_maskrcnn_deeplabv3": build_panoptic,
 }
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import SegpipeError
+from pipeline.fusion import FusionConfig
 from pipeline.io.fs import read_bytes
 from pipeline.structures import ImagePrediction
 
@@ -30,6 +31,8 @@ class ModelSettings:
     min_size: int = 800
     """Shorter image side the model resizes to (torchvision's default for COCO)."""
     max_size: int = 1333
+    fusion: FusionConfig = FusionConfig()
+    """Thresholds of the panoptic merge (panoptic models only)."""
 
 
 class InstanceModel(Protocol):
