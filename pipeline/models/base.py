@@ -44,6 +44,11 @@ class InstanceModel(Protocol):
         """Predictions for a batch of H x W x 3 uint8 RGB images."""
 
 
+def to_tensors(images: list[np.ndarray], device: str) -> list[torch.Tensor]:
+    """H x W x 3 uint8 images as 3 x H x W float tensors in [0, 1], as torchvision's models take them."""
+    return [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float().div_(255).to(device) for im in images]
+
+
 def load_state_dict(module: torch.nn.Module, settings: ModelSettings, architecture: str) -> None:
     """Weights into `module`, or a clear error naming the file and the expected architecture."""
     if settings.weights is None:

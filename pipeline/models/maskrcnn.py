@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 
-from pipeline.models.base import ModelSettings, load_state_dict
+from pipeline.models.base import ModelSettings, load_state_dict, to_tensors
 from pipeline.structures import ImagePrediction, Segment
 
 COCO_THING_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -24,8 +24,7 @@ class MaskRCNN:
 
     @torch.inference_mode()
     def predict(self, images: list[np.ndarray], image_ids: list[int], file_names: list[str]) -> list[ImagePrediction]:
-        tensors = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float().div_(255).to(self.settings.device)
-                   for im in images]
+        tensors = to_tensors(images, self.settings.device)
         outputs = self.module(tensors)
         predictions = []
         for image, image_id, file_name, out in zip(images, image_ids, file_names, outputs):

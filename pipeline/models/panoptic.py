@@ -9,7 +9,7 @@ from torchvision.models.segmentation import deeplabv3_resnet50
 
 from pipeline.categories import coco_panoptic_categories
 from pipeline.fusion import fuse
-from pipeline.models.base import ModelSettings, load_state_dict
+from pipeline.models.base import ModelSettings, load_state_dict, to_tensors
 from pipeline.models.maskrcnn import COCO_THING_IDS
 from pipeline.structures import ImagePrediction
 
@@ -39,17 +39,17 @@ class PanopticModel:
         self.module.to(settings.device).eval()
         self._stuff = torch.tensor([0, *STUFF_IDS])
         self._valid = torch.tensor(COCO_THING_IDS, device=settings.device)
+        # ImageNet normalisation, which the semantic head expects (Mask R-CNN normalises inside).
+        self._mean = torch.tensor([0.485, 0.456, 0.406], device=settings.device)[:, None, None]
+        self._std = torch.tensor([0.229, 0.224, 0.225], device=settings.device)[:, None, None]
 
     @torch.inference_mode()
     def predict(self, images: list[np.ndarray], image_ids: list[int], file_names: list[str]) -> list[ImagePrediction]:
-        tensors = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float().div_(255).to(self.settings.device)
-                   for im in images]
+        tensors = to_tensors(images, self.settings.device)
         instances = self.module["instance"](tensors)
         predictions = []
         for tensor, image_id, file_name, out in zip(tensors, image_ids, file_names, instances):
-            mean = torch.tensor([0.485, 0.456, 0.406], device=tensor.device)[:, None, None]
-            std = torch.tensor([0.229, 0.224, 0.225], device=tensor.device)[:, None, None]
-            logits = self.module["semantic"](((tensor - mean) / std)[None])["out"][0]
+            logits = self.module["semantic"](((tensor - self._mean) / self._std)[None])["out"][0]
             semantic = self._stuff[logits.argmax(dim=0).cpu()].numpy()
             keep = (out["scores"] >= self.settings.score_threshold) & torch.isin(out["labels"], self._valid)
             predictions.append(fuse(
