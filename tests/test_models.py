@@ -79,3 +79,29 @@ def test_panoptic_model_gives_non_overlapping_things_and_stuff(images, tmp_path)
     torch.save(model.module["instance"].state_dict(), tmp_path / "instance_only.pt")
     with pytest.raises(SegpipeError, match="instance_only.pt: does not fit panoptic_maskrcnn_deeplabv3"):
         load_model("panoptic_maskrcnn_deeplabv3", ModelSettings(weights=str(tmp_path / "instance_only.pt"), **SMALL))
+
+
+def test_small_model_gives_panoptic_segments_of_the_datasets_categories(images, tmp_path):
+    from pipeline.fusion import FusionConfig
+    from pipeline.synth import categories
+
+    settings = ModelSettings(random_weights=True, seed=3, score_threshold=0.0, categories=tuple(categories()),
+                             fusion=FusionConfig(stuff_area_threshold=16))
+    model = load_model("segpipe_small", settings)
+    predictions = model.predict(images, [1, 2], ["a.jpg", "b.jpg"])
+    known = {c["id"] for c in categories()}
+    for prediction, image in zip(predictions, images):
+        ids, info = prediction.to_panoptic()  # raises if segments overlap
+        assert ids.shape == image.shape[:2] and info
+        assert {s["category_id"] for s in info} <= known
+    # Same seed, same random weights: every actor of a run builds the same model.
+    assert load_model("segpipe_small", settings).predict(images, [1, 2], ["a.jpg", "b.jpg"]) == predictions
+    torch.save({"model": model.module.state_dict(), "categories": list(categories())}, tmp_path / "s.pt")
+    loaded = load_model("segpipe_small", ModelSettings(weights=str(tmp_path / "s.pt"), score_threshold=0.0,
+                                                       fusion=settings.fusion))
+    assert loaded.categories == model.categories
+    assert loaded.predict(images, [1, 2], ["a.jpg", "b.jpg"]) == predictions
+    coco = ModelSettings(weights=str(tmp_path / "s.pt"), categories=tuple(load_model(
+        "maskrcnn_resnet50_fpn", ModelSettings(random_weights=True, **SMALL)).categories))
+    with pytest.raises(SegpipeError, match="s.pt: trained for categories"):
+        load_model("segpipe_small", coco)

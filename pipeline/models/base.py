@@ -1,10 +1,12 @@
-"""What every model adapter takes (settings) and gives (ImagePrediction), and how weights are loaded."""
+"""What every model adapter takes (settings) and gives (raw outputs, then ImagePrediction), and how weights load."""
 
 from __future__ import annotations
 
 import io
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,15 +35,37 @@ class ModelSettings:
     max_size: int = 1333
     fusion: FusionConfig = FusionConfig()
     """Thresholds of the panoptic merge (panoptic models only)."""
+    seed: int = 0
+    """Seed of the random initialisation (with random_weights), so every actor builds the same model."""
+    categories: tuple[dict, ...] | None = None
+    """The dataset's categories (COCO dicts with id, name, isthing) for models that take them."""
 
 
-class InstanceModel(Protocol):
+class Postprocess(Protocol):
+    """Turns one image's raw model output into segments. Small and picklable: it runs on CPU tasks,
+    away from the model actors, so masks are encoded while the accelerator works on the next batch."""
+
+    def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction: ...
+
+
+class Model(ABC):
+    """An adapter: `forward` on the model's device, `postprocess` anywhere; `predict` chains them."""
+
     name: str
-    categories: list[int]
-    """Category ids the model emits."""
+    categories: list[dict]
+    """COCO category dicts (id, name, supercategory, isthing) of every id the model emits."""
+    panoptic: bool
+    """True when segments never overlap (a panoptic PNG can be written)."""
+    postprocess: Postprocess
+
+    @abstractmethod
+    def forward(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        """Raw outputs (numpy arrays on the CPU) for a batch of H x W x 3 uint8 RGB images."""
 
     def predict(self, images: list[np.ndarray], image_ids: list[int], file_names: list[str]) -> list[ImagePrediction]:
         """Predictions for a batch of H x W x 3 uint8 RGB images."""
+        return [self.postprocess(raw, image_id, file_name)
+                for raw, image_id, file_name in zip(self.forward(images), image_ids, file_names)]
 
 
 def to_tensors(images: list[np.ndarray], device: str) -> list[torch.Tensor]:
@@ -49,23 +73,34 @@ def to_tensors(images: list[np.ndarray], device: str) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float().div_(255).to(device) for im in images]
 
 
-def load_state_dict(module: torch.nn.Module, settings: ModelSettings, architecture: str) -> None:
-    """Weights into `module`, or a clear error naming the file and the expected architecture."""
-    if settings.weights is None:
-        if settings.random_weights:
-            return
-        raise SegpipeError(f"{architecture}: no weights given (pass a checkpoint path or URI, or ask for random weights)")
-    data = read_bytes(settings.weights)
+def read_checkpoint(uri: str, architecture: str) -> dict:
+    """A checkpoint as {"model": state dict, **metadata}; a bare state dict gets no metadata."""
+    data = read_bytes(uri)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
-        raise SegpipeError(f"{settings.weights}: not a readable PyTorch checkpoint ({type(error).__name__})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a training checkpoint with metadata beside the weights
-    if not isinstance(state, dict):
-        raise SegpipeError(f"{settings.weights}: holds a {type(state).__name__}, expected a state dict of {architecture}")
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as error:
-        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise SegpipeError(f"{settings.weights}: does not fit {architecture} ({first})") from None
+        raise SegpipeError(f"{uri}: not a readable PyTorch checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict):
+        raise SegpipeError(f"{uri}: holds a {type(checkpoint).__name__}, expected a state dict of {architecture}")
+    if isinstance(checkpoint.get("model"), dict):
+        return checkpoint  # a training checkpoint: weights under "model", metadata beside them
+    return {"model": checkpoint}
+
+
+def build_module(factory: Callable[[], torch.nn.Module], settings: ModelSettings, architecture: str,
+                 checkpoint: dict | None = None) -> torch.nn.Module:
+    """`factory()` with the weights of `settings.weights` (or `checkpoint`, already read), or with a
+    random initialisation seeded by `settings.seed` when asked for; never neither."""
+    if settings.weights is None and not settings.random_weights:
+        raise SegpipeError(f"{architecture}: no weights given (pass a checkpoint path or URI, or ask for random weights)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        module = factory()
+    if settings.weights is not None:
+        state = (checkpoint or read_checkpoint(settings.weights, architecture))["model"]
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as error:
+            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            raise SegpipeError(f"{settings.weights}: does not fit {architecture} ({first})") from None
+    return module

@@ -1,0 +1,180 @@
+"""segpipe's built-in small panoptic model: a light encoder-decoder with semantic, centre and offset heads,
+grouped bottom-up the Panoptic-DeepLab way. Small enough to train from scratch on a CPU in minutes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.categories import coco_panoptic_categories
+from pipeline.errors import SegpipeError
+from pipeline.models.base import Model, ModelSettings, build_module, read_checkpoint, to_tensors
+from pipeline.structures import ImagePrediction
+
+NAME = "segpipe_small"
+STRIDE = 4  # the heads' resolution: one output per 4 x 4 pixels
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class SmallPanopticNet(nn.Module):
+    """Encoder to 1/32, a top-down decoder back to 1/4, and three heads there: semantic logits (one per
+    category), a centre heatmap (1 at instance centres, Gaussian around them) and offsets (pixel to centre,
+    in input pixels). About 0.6 M parameters."""
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(_block(3, w // 2, 2), _block(w // 2, w, 2))               # 1/4
+        self.down8 = nn.Sequential(_block(w, 2 * w, 2), _block(2 * w, 2 * w))              # 1/8
+        self.down16 = nn.Sequential(_block(2 * w, 3 * w, 2), _block(3 * w, 3 * w, dilation=2))  # 1/16
+        self.down32 = nn.Sequential(_block(3 * w, 4 * w, 2), _block(4 * w, 4 * w, dilation=2))  # 1/32
+        self.lateral = nn.ModuleList([nn.Conv2d(c, 2 * w, 1) for c in (w, 2 * w, 3 * w, 4 * w)])
+        self.fuse = nn.ModuleList([_block(2 * w, 2 * w) for _ in range(3)])
+        self.semantic = nn.Sequential(_block(2 * w, 2 * w), nn.Conv2d(2 * w, num_classes, 1))
+        self.centre = nn.Sequential(_block(2 * w, w), nn.Conv2d(w, 1, 1))
+        self.offset = nn.Sequential(_block(2 * w, w), nn.Conv2d(w, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: N x 3 x H x W normalised images, H and W multiples of 32."""
+        c4 = self.stem(x)
+        c8 = self.down8(c4)
+        c16 = self.down16(c8)
+        c32 = self.down32(c16)
+        top = self.lateral[3](c32)
+        for level, (lateral, fuse) in enumerate(zip(self.lateral[2::-1], self.fuse)):
+            skip = (c16, c8, c4)[level]
+            top = fuse(lateral(skip) + F.interpolate(top, size=skip.shape[-2:], mode="nearest"))
+        return {"semantic": self.semantic(top), "centre": self.centre(top), "offset": self.offset(top)}
+
+
+@dataclass(frozen=True)
+class BottomUpPostprocess:
+    """Panoptic-DeepLab grouping: centres are local maxima of the heatmap, each thing pixel joins the
+    centre its offset points nearest to, an instance's category is its pixels' majority; stuff is the
+    semantic map where no thing is, regions under `stuff_area` pixels become VOID."""
+
+    category_ids: tuple[int, ...]
+    isthing: tuple[bool, ...]
+    centre_threshold: float = 0.1
+    nms_kernel: int = 7
+    top_k: int = 64
+    min_thing_area: int = 8
+    stuff_area: int = 64
+
+    def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction:
+        semantic = raw["semantic"].astype(np.int64)  # H x W indices into category_ids
+        height, width = semantic.shape
+        ids = np.zeros((height, width), np.uint32)
+        segments: list[dict] = []
+        thing = np.asarray(self.isthing)[semantic]
+        centres, scores = self._centres(raw["centre"].astype(np.float32))
+        if len(centres) and thing.any():
+            # Each 1/STRIDE cell points (its centre plus its offset) somewhere; it joins the nearest centre,
+            # by |p - c|^2 = |p|^2 - 2 p.c + |c|^2 (the first term is the same for every c); pixels take
+            # their cell's choice, as Panoptic-DeepLab groups at its output resolution.
+            offset = raw["offset"].astype(np.float32)  # 2 x h x w at 1/STRIDE, in input pixels
+            cy, cx = np.indices(offset.shape[1:], dtype=np.float32) * STRIDE + (STRIDE - 1) / 2
+            pointed = np.stack([(cy + offset[0]).ravel(), (cx + offset[1]).ravel()], axis=1)
+            cells = ((centres ** 2).sum(1)[None, :] - 2 * pointed @ centres.T).argmin(1).reshape(offset.shape[1:])
+            ys, xs = np.nonzero(thing)
+            nearest = cells[ys // STRIDE, xs // STRIDE]
+            k_count = len(centres)
+            sizes = np.bincount(nearest, minlength=k_count)
+            votes = np.bincount(nearest * len(self.category_ids) + semantic[ys, xs],
+                                minlength=k_count * len(self.category_ids)).reshape(k_count, -1)
+            segment_of = np.zeros(k_count, np.uint32)
+            for k in np.flatnonzero(sizes >= self.min_thing_area).tolist():
+                segments.append({"id": len(segments) + 1, "category_id": self.category_ids[int(votes[k].argmax())],
+                                 "iscrowd": 0, "score": float(np.clip(scores[k], 0.0, 1.0))})
+                segment_of[k] = len(segments)
+            ids[ys, xs] = segment_of[nearest]
+        free = ids == 0
+        for index in np.unique(semantic[free & ~thing]).tolist():
+            region = free & (semantic == index)
+            if region.sum() >= self.stuff_area:
+                segments.append({"id": len(segments) + 1, "category_id": self.category_ids[index], "iscrowd": 0,
+                                 "score": 1.0})
+                ids[region] = len(segments)
+        return ImagePrediction.from_panoptic(image_id, file_name, ids, segments)
+
+    def _centres(self, heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(K x 2 centre coordinates in input pixels, K scores): heatmap peaks above the threshold."""
+        t = torch.from_numpy(heat)[None, None]
+        peaks = (t == F.max_pool2d(t, self.nms_kernel, 1, self.nms_kernel // 2)) & (t > self.centre_threshold)
+        ys, xs = np.nonzero(peaks[0, 0].numpy())
+        values = heat[ys, xs]
+        order = np.argsort(-values, kind="stable")[: self.top_k]
+        centres = np.stack([ys[order], xs[order]], axis=1).astype(np.float32) * STRIDE + (STRIDE - 1) / 2
+        return centres, values[order]
+
+
+def categories_of(settings: ModelSettings, checkpoint: dict | None) -> list[dict]:
+    """The model's categories: from its checkpoint, else the dataset's, else COCO panoptic's 133."""
+    found = (checkpoint or {}).get("categories") or settings.categories or coco_panoptic_categories()
+    categories = [{k: c.get(k) for k in ("id", "name", "supercategory", "isthing")} for c in found]
+    if settings.categories and checkpoint and checkpoint.get("categories"):
+        if [c["id"] for c in settings.categories] != [c["id"] for c in categories]:
+            raise SegpipeError(f"{settings.weights}: trained for categories {[c['id'] for c in categories]}, "
+                               f"not the given {[c['id'] for c in settings.categories]}")
+    if len(categories) > 255:
+        raise SegpipeError(f"{NAME}: at most 255 categories, got {len(categories)}")
+    return categories
+
+
+class SmallPanoptic(Model):
+    """The built-in model: `SmallPanopticNet` + `BottomUpPostprocess`, over the dataset's categories."""
+
+    name = NAME
+    panoptic = True
+
+    def __init__(self, settings: ModelSettings) -> None:
+        checkpoint = read_checkpoint(settings.weights, NAME) if settings.weights else None
+        self.settings = settings
+        self.categories = categories_of(settings, checkpoint)
+        self.postprocess = BottomUpPostprocess(
+            tuple(c["id"] for c in self.categories), tuple(bool(c["isthing"]) for c in self.categories),
+            centre_threshold=settings.score_threshold, stuff_area=settings.fusion.stuff_area_threshold)
+        self.module = build_module(lambda: SmallPanopticNet(len(self.categories)), settings, NAME, checkpoint)
+        self.module.to(settings.device).eval()
+        self._mean = torch.tensor(MEAN, device=settings.device)[:, None, None]
+        self._std = torch.tensor(STD, device=settings.device)[:, None, None]
+
+    def batch(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Normalised images zero-padded (bottom, right) to one size, a multiple of 32."""
+        height = -(-max(im.shape[0] for im in images) // 32) * 32
+        width = -(-max(im.shape[1] for im in images) // 32) * 32
+        x = torch.zeros(len(images), 3, height, width, device=self.settings.device)
+        for i, t in enumerate(to_tensors(images, self.settings.device)):
+            x[i, :, : t.shape[1], : t.shape[2]] = (t - self._mean) / self._std
+        return x
+
+    @torch.inference_mode()
+    def forward(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        out = self.module(self.batch(images))
+        semantic = F.interpolate(out["semantic"], scale_factor=STRIDE, mode="bilinear", align_corners=False)
+        labels = semantic.argmax(1).to(torch.uint8).cpu().numpy()
+        centre = out["centre"][:, 0].to(torch.float16).cpu().numpy()
+        offset = out["offset"].to(torch.float16).cpu().numpy()
+        raws = []
+        for i, image in enumerate(images):
+            h, w = image.shape[:2]
+            hs, ws = -(-h // STRIDE), -(-w // STRIDE)
+            raws.append({"semantic": np.ascontiguousarray(labels[i, :h, :w]),
+                         "centre": np.ascontiguousarray(centre[i, :hs, :ws]),
+                         "offset": np.ascontiguousarray(offset[i, :, :hs, :ws])})
+        return raws
+
+
+def build_small(settings: ModelSettings) -> SmallPanoptic:
+    return SmallPanoptic(settings)
