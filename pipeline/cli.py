@@ -47,6 +47,16 @@ def _size(value: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def _counts(value: str, option: str) -> list[int]:
+    try:
+        counts = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise SegpipeError(f"{option} {value!r}: expected numbers separated by commas") from None
+    if min(counts) < 1:
+        raise SegpipeError(f"{option} {value!r}: each must be at least 1")
+    return counts
+
+
 @app.command()
 @_user_errors
 def synth(
@@ -87,6 +97,61 @@ def validate(
     typer.echo(f"{file}: COCO {report.kind}, {report.images} images, {report.annotations} annotations "
                f"(files checked: {report.checked_files}): {verdict}", err=True)
     if report.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def infer(
+    input: Annotated[str, typer.Option(help="Images: a folder, tar shards or Parquet files with image bytes (any fsspec URI or glob).")],
+    model: Annotated[str, typer.Option(help="Model name: segpipe_small, maskrcnn_resnet50_fpn(_v2), panoptic_maskrcnn_deeplabv3.")],
+    out: Annotated[str, typer.Option(help="Output folder (any fsspec URI); a rerun into it resumes.")],
+    weights: Annotated[Optional[str], typer.Option(help="Checkpoint (state dict) at a path or URI; never downloaded.")] = None,
+    random_weights: Annotated[bool, typer.Option(help="Random initialisation instead of --weights (smoke runs, benchmarks).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
+    categories: Annotated[Optional[str], typer.Option(help="COCO JSON whose categories the model predicts (segpipe_small without a checkpoint).")] = None,
+    image_info: Annotated[Optional[str], typer.Option(help="COCO JSON giving each file's image id (default: the number in the name, else a hash).")] = None,
+    name: Annotated[str, typer.Option(help="Exports are panoptic_NAME.json and instances_NAME_results.json.")] = "pred",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 4,
+    actors: Annotated[int, typer.Option(min=1, help="Model actors (one per GPU when --gpus-per-actor is 1).")] = 1,
+    gpus_per_actor: Annotated[float, typer.Option(min=0, help="GPUs each actor holds; 0 runs on CPU threads.")] = 0,
+    cpus_per_actor: Annotated[Optional[float], typer.Option(min=0.25, help="CPUs each actor holds (default: all but 1 shared, at most 1 with GPUs).")] = None,
+    files_per_shard: Annotated[int, typer.Option(min=1, help="Image-folder files per shard (the unit of commit and resume).")] = 64,
+    score_threshold: Annotated[float, typer.Option(help="Detections (centres for segpipe_small) scoring below this are dropped.")] = 0.05,
+    stuff_area: Annotated[int, typer.Option(min=0, help="Stuff regions smaller than this many pixels become VOID.")] = 4096,
+    min_size: Annotated[int, typer.Option(min=16, help="Mask R-CNN: shorter side the images are resized to.")] = 800,
+    max_size: Annotated[int, typer.Option(min=16, help="Mask R-CNN: longest side at most.")] = 1333,
+    address: Address = None,
+) -> None:
+    """Label images with a model on Ray: Parquet predictions, COCO panoptic PNG + JSON, COCO results JSON."""
+    from dataclasses import replace
+
+    from pipeline import infer as infer_stage
+    from pipeline.fusion import FusionConfig
+    from pipeline.io.fs import read_json
+
+    dataset_categories = None
+    if categories is not None:
+        found = read_json(categories)
+        dataset_categories = found.get("categories") if isinstance(found, dict) else None
+        if not dataset_categories:
+            raise SegpipeError(f"{categories}: no 'categories' list")
+    settings = infer_stage.ModelSettings(
+        weights=weights, random_weights=random_weights, seed=seed, score_threshold=score_threshold,
+        min_size=min_size, max_size=max_size, categories=tuple(dataset_categories) if dataset_categories else None,
+        fusion=replace(FusionConfig(), stuff_area_threshold=stuff_area))
+    config = infer_stage.InferConfig(
+        input=input, out=out, model=model, settings=settings, name=name, batch_size=batch_size, actors=actors,
+        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, files_per_shard=files_per_shard,
+        image_info=image_info, address=address)
+    summary = infer_stage.run(config, progress=lambda line: typer.echo(line, err=True))
+    stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in summary.stage_s.items())
+    typer.echo(f"{summary.images} images, {summary.segments} segments, {summary.failed} failed, "
+               f"{summary.images_per_s:.1f} images/s ({summary.wall_s:.1f} s wall; busy s: {stages})")
+    for kind, where in summary.outputs.items():
+        typer.echo(f"  {kind:18} {where}")
+    if summary.failed:
+        typer.echo(f"segpipe: {summary.failed} images failed; see {summary.outputs['errors']}", err=True)
         raise typer.Exit(1)
 
 
@@ -150,11 +215,33 @@ def bench_eval(
     from pipeline.bench import run
 
     height, width = _size(size)
-    try:
-        counts = [int(w) for w in workers.split(",")]
-    except ValueError:
-        raise SegpipeError(f"--workers {workers!r}: expected numbers separated by commas") from None
-    run(Path(data), images, height, width, repeat, counts, Path(out), echo=typer.echo)
+    run(Path(data), images, height, width, repeat, _counts(workers, "--workers"), Path(out), echo=typer.echo)
+    typer.echo(f"report: {out}")
+
+
+@bench_app.command("infer")
+@_user_errors
+def bench_infer(
+    data: Annotated[str, typer.Option(help="Folder for the synthetic shards (made once, then reused).")] = "bench-infer-data",
+    images: Annotated[int, typer.Option(min=1, help="Images.")] = 1024,
+    size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "256x256",
+    model: Annotated[str, typer.Option(help="Model (random weights).")] = "segpipe_small",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 8,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads of the raw model (the pipeline's actor gets as many CPUs).")] = 1,
+    repeat: Annotated[int, typer.Option(min=1, help="Runs per measurement; the median is reported.")] = 3,
+    actors: Annotated[str, typer.Option(help="Actor counts to measure, comma-separated.")] = "1,2",
+    out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-infer.json",
+) -> None:
+    """Inference: `segpipe infer` end to end against the raw model on the same batches (efficiency, scaling)."""
+    from pathlib import Path
+
+    from pipeline.bench_infer import run
+    from pipeline.models import check_model_name
+
+    check_model_name(model)
+    height, width = _size(size)
+    run(Path(data), images, height, width, model, batch_size, threads, repeat, _counts(actors, "--actors"), Path(out),
+        echo=typer.echo)
     typer.echo(f"report: {out}")
 
 

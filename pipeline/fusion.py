@@ -26,6 +26,13 @@ class FusionConfig:
 
 def fuse(image_id: int, file_name: str, masks: np.ndarray, scores: np.ndarray, labels: np.ndarray,
          semantic: np.ndarray, stuff_ids: set[int], config: FusionConfig = FusionConfig()) -> ImagePrediction:
+    """`fuse_panoptic` as an ImagePrediction (segments measured from the id map)."""
+    return ImagePrediction.from_panoptic(image_id, file_name,
+                                         *fuse_panoptic(masks, scores, labels, semantic, stuff_ids, config))
+
+
+def fuse_panoptic(masks: np.ndarray, scores: np.ndarray, labels: np.ndarray, semantic: np.ndarray,
+                  stuff_ids: set[int], config: FusionConfig = FusionConfig()) -> tuple[np.ndarray, list[dict]]:
     """Merge instances (masks N x H x W, probabilities or booleans; scores; thing category ids) and a
     semantic map (H x W category ids) into non-overlapping segments. Things win over stuff: they are
     placed first, by score; stuff fills what is left. Only semantic ids in `stuff_ids` become stuff."""
@@ -59,4 +66,4 @@ def fuse(image_id: int, file_name: str, masks: np.ndarray, scores: np.ndarray, l
         segment_id = len(segments) + 1
         ids[region] = segment_id
         segments.append({"id": segment_id, "category_id": int(category_id), "iscrowd": 0, "score": 1.0})
-    return ImagePrediction.from_panoptic(image_id, file_name, ids, segments)
+    return ids, segments

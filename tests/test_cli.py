@@ -4,13 +4,13 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
-COMMANDS = [["synth"], ["validate"], ["eval", "pq"], ["eval", "ap"], ["bench", "eval"]]
+COMMANDS = [["synth"], ["validate"], ["infer"], ["eval", "pq"], ["eval", "ap"], ["bench", "eval"], ["bench", "infer"]]
 
 
 def test_every_command_has_help():
     runner = CliRunner()
     top = runner.invoke(app, ["--help"])
-    assert top.exit_code == 0 and all(name in top.stdout for name in ("synth", "validate", "eval", "bench"))
+    assert top.exit_code == 0 and all(name in top.stdout for name in ("synth", "validate", "infer", "eval", "bench"))
     for command in COMMANDS:
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, command
@@ -20,3 +20,17 @@ def test_every_command_has_help():
 def test_a_missing_option_is_a_usage_error_with_exit_2():
     result = CliRunner().invoke(app, ["eval", "pq", "--gt", "a.json"])
     assert result.exit_code == 2 and "Missing option '--pred'" in result.output
+
+
+def test_infer_input_errors_are_one_line_with_exit_2(tmp_path):
+    runner = CliRunner()
+    common = ["--out", str(tmp_path / "out"), "--random-weights"]
+    for arguments, message in (
+        (["--input", str(tmp_path / "nowhere"), "--model", "segpipe_small"], "nowhere: no such file or folder"),
+        (["--input", str(tmp_path), "--model", "yolo"], "unknown model 'yolo'"),
+        (["--input", str(tmp_path), "--model", "segpipe_small", "--categories", str(tmp_path / "c.json")],
+         "c.json: no such file"),
+    ):
+        result = runner.invoke(app, ["infer", *arguments, *common])
+        assert result.exit_code == 2 and message in result.output.strip().splitlines()[-1], result.output
+        assert "Traceback" not in result.output

@@ -6,15 +6,18 @@ import io
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from pipeline.errors import SegpipeError
 from pipeline.fusion import FusionConfig
 from pipeline.io.fs import read_bytes
+from pipeline.models.outputs import Postprocess
 from pipeline.structures import ImagePrediction
+
+if TYPE_CHECKING:  # torch is imported where it is used: this module is also read by CPU-only workers
+    import torch
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,6 @@ class ModelSettings:
     """The dataset's categories (COCO dicts with id, name, isthing) for models that take them."""
 
 
-class Postprocess(Protocol):
-    """Turns one image's raw model output into segments. Small and picklable: it runs on CPU tasks,
-    away from the model actors, so masks are encoded while the accelerator works on the next batch."""
-
-    def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction: ...
-
-
 class Model(ABC):
     """An adapter: `forward` on the model's device, `postprocess` anywhere; `predict` chains them."""
 
@@ -70,11 +66,16 @@ class Model(ABC):
 
 def to_tensors(images: list[np.ndarray], device: str) -> list[torch.Tensor]:
     """H x W x 3 uint8 images as 3 x H x W float tensors in [0, 1], as torchvision's models take them."""
-    return [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float().div_(255).to(device) for im in images]
+    import torch
+
+    return [torch.from_numpy(np.ascontiguousarray(im) if im.flags.writeable else im.copy())
+            .permute(2, 0, 1).float().div_(255).to(device) for im in images]
 
 
 def read_checkpoint(uri: str, architecture: str) -> dict:
     """A checkpoint as {"model": state dict, **metadata}; a bare state dict gets no metadata."""
+    import torch
+
     data = read_bytes(uri)
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -91,6 +92,8 @@ def build_module(factory: Callable[[], torch.nn.Module], settings: ModelSettings
                  checkpoint: dict | None = None) -> torch.nn.Module:
     """`factory()` with the weights of `settings.weights` (or `checkpoint`, already read), or with a
     random initialisation seeded by `settings.seed` when asked for; never neither."""
+    import torch
+
     if settings.weights is None and not settings.random_weights:
         raise SegpipeError(f"{architecture}: no weights given (pass a checkpoint path or URI, or ask for random weights)")
     with torch.random.fork_rng(devices=[]):
@@ -99,8 +102,12 @@ def build_module(factory: Callable[[], torch.nn.Module], settings: ModelSettings
     if settings.weights is not None:
         state = (checkpoint or read_checkpoint(settings.weights, architecture))["model"]
         try:
-            module.load_state_dict(state)
-        except RuntimeError as error:
-            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            result = module.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # shapes that differ: the first one names the mismatch
+            first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
             raise SegpipeError(f"{settings.weights}: does not fit {architecture} ({first})") from None
+        if result.missing_keys or result.unexpected_keys:
+            parts = [f"{len(keys)} {kind} keys, e.g. {keys[0]!r}" for kind, keys in
+                     (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+            raise SegpipeError(f"{settings.weights}: does not fit {architecture} ({'; '.join(parts)})")
     return module

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,26 +9,11 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.segmentation import deeplabv3_resnet50
 
-from pipeline.categories import coco_panoptic_categories
-from pipeline.fusion import FusionConfig, fuse
 from pipeline.models.base import Model, ModelSettings, build_module, to_tensors
-from pipeline.models.maskrcnn import COCO_THING_IDS, detections, unpack_masks
-from pipeline.structures import ImagePrediction
+from pipeline.models.maskrcnn import detections
+from pipeline.models.outputs import COCO_THING_IDS, STUFF_IDS, FusionPostprocess, panoptic_categories
 
 # Semantic classes: 0 = "some thing" (left to the instance branch), then COCO's 53 stuff categories.
-STUFF_IDS = [c["id"] for c in coco_panoptic_categories() if not c["isthing"]]
-
-
-@dataclass(frozen=True)
-class FusionPostprocess:
-    """Detections and a semantic map (indices into [0, *STUFF_IDS]) merged by `pipeline.fusion.fuse`."""
-
-    config: FusionConfig
-
-    def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction:
-        semantic = np.asarray([0, *STUFF_IDS], np.int64)[raw["semantic"]]
-        return fuse(image_id, file_name, unpack_masks(raw["masks"], raw["width"]), raw["scores"], raw["labels"],
-                    semantic, set(STUFF_IDS), self.config)
 
 
 class PanopticModel(Model):
@@ -43,8 +27,7 @@ class PanopticModel(Model):
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
-        self.categories = [{k: c[k] for k in ("id", "name", "supercategory", "isthing")}
-                           for c in coco_panoptic_categories()]
+        self.categories = panoptic_categories()
         self.postprocess = FusionPostprocess(settings.fusion)
         # weights_backbone=None everywhere: torchvision would otherwise download ImageNet weights.
         self.module = build_module(lambda: torch.nn.ModuleDict({

@@ -3,7 +3,6 @@ grouped bottom-up the Panoptic-DeepLab way. Small enough to train from scratch o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,10 +13,9 @@ from torch import nn
 from pipeline.categories import coco_panoptic_categories
 from pipeline.errors import SegpipeError
 from pipeline.models.base import Model, ModelSettings, build_module, read_checkpoint, to_tensors
-from pipeline.structures import ImagePrediction
+from pipeline.models.outputs import STRIDE, BottomUpPostprocess
 
 NAME = "segpipe_small"
-STRIDE = 4  # the heads' resolution: one output per 4 x 4 pixels
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -56,67 +54,6 @@ class SmallPanopticNet(nn.Module):
             skip = (c16, c8, c4)[level]
             top = fuse(lateral(skip) + F.interpolate(top, size=skip.shape[-2:], mode="nearest"))
         return {"semantic": self.semantic(top), "centre": self.centre(top), "offset": self.offset(top)}
-
-
-@dataclass(frozen=True)
-class BottomUpPostprocess:
-    """Panoptic-DeepLab grouping: centres are local maxima of the heatmap, each thing pixel joins the
-    centre its offset points nearest to, an instance's category is its pixels' majority; stuff is the
-    semantic map where no thing is, regions under `stuff_area` pixels become VOID."""
-
-    category_ids: tuple[int, ...]
-    isthing: tuple[bool, ...]
-    centre_threshold: float = 0.1
-    nms_kernel: int = 7
-    top_k: int = 64
-    min_thing_area: int = 8
-    stuff_area: int = 64
-
-    def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction:
-        semantic = raw["semantic"].astype(np.int64)  # H x W indices into category_ids
-        height, width = semantic.shape
-        ids = np.zeros((height, width), np.uint32)
-        segments: list[dict] = []
-        thing = np.asarray(self.isthing)[semantic]
-        centres, scores = self._centres(raw["centre"].astype(np.float32))
-        if len(centres) and thing.any():
-            # Each 1/STRIDE cell points (its centre plus its offset) somewhere; it joins the nearest centre,
-            # by |p - c|^2 = |p|^2 - 2 p.c + |c|^2 (the first term is the same for every c); pixels take
-            # their cell's choice, as Panoptic-DeepLab groups at its output resolution.
-            offset = raw["offset"].astype(np.float32)  # 2 x h x w at 1/STRIDE, in input pixels
-            cy, cx = np.indices(offset.shape[1:], dtype=np.float32) * STRIDE + (STRIDE - 1) / 2
-            pointed = np.stack([(cy + offset[0]).ravel(), (cx + offset[1]).ravel()], axis=1)
-            cells = ((centres ** 2).sum(1)[None, :] - 2 * pointed @ centres.T).argmin(1).reshape(offset.shape[1:])
-            ys, xs = np.nonzero(thing)
-            nearest = cells[ys // STRIDE, xs // STRIDE]
-            k_count = len(centres)
-            sizes = np.bincount(nearest, minlength=k_count)
-            votes = np.bincount(nearest * len(self.category_ids) + semantic[ys, xs],
-                                minlength=k_count * len(self.category_ids)).reshape(k_count, -1)
-            segment_of = np.zeros(k_count, np.uint32)
-            for k in np.flatnonzero(sizes >= self.min_thing_area).tolist():
-                segments.append({"id": len(segments) + 1, "category_id": self.category_ids[int(votes[k].argmax())],
-                                 "iscrowd": 0, "score": float(np.clip(scores[k], 0.0, 1.0))})
-                segment_of[k] = len(segments)
-            ids[ys, xs] = segment_of[nearest]
-        free = ids == 0
-        for index in np.unique(semantic[free & ~thing]).tolist():
-            region = free & (semantic == index)
-            if region.sum() >= self.stuff_area:
-                segments.append({"id": len(segments) + 1, "category_id": self.category_ids[index], "iscrowd": 0,
-                                 "score": 1.0})
-                ids[region] = len(segments)
-        return ImagePrediction.from_panoptic(image_id, file_name, ids, segments)
-
-    def _centres(self, heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(K x 2 centre coordinates in input pixels, K scores): heatmap peaks above the threshold."""
-        t = torch.from_numpy(heat)[None, None]
-        peaks = (t == F.max_pool2d(t, self.nms_kernel, 1, self.nms_kernel // 2)) & (t > self.centre_threshold)
-        ys, xs = np.nonzero(peaks[0, 0].numpy())
-        values = heat[ys, xs]
-        order = np.argsort(-values, kind="stable")[: self.top_k]
-        centres = np.stack([ys[order], xs[order]], axis=1).astype(np.float32) * STRIDE + (STRIDE - 1) / 2
-        return centres, values[order]
 
 
 def categories_of(settings: ModelSettings, checkpoint: dict | None) -> list[dict]:

@@ -1,0 +1,144 @@
+"""What model actors hand to post-processing, and how it becomes segments: numpy only, so the CPU tasks
+that run it never import torch (which costs seconds per worker process)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.categories import category_by_id, coco_panoptic_categories
+from pipeline.fusion import FusionConfig, fuse_panoptic
+from pipeline.structures import ImagePrediction, Segment
+
+COCO_THING_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+"""torchvision's detection labels that are COCO categories (its 91-index has 10 "N/A" slots)."""
+STUFF_IDS = [c["id"] for c in coco_panoptic_categories() if not c["isthing"]]
+"""COCO's 53 stuff categories."""
+STRIDE = 4
+"""segpipe_small's output resolution: one centre and offset per 4 x 4 pixels."""
+
+
+def thing_categories() -> list[dict]:
+    """COCO's 80 thing categories, as the panoptic categories file describes them."""
+    by_id = category_by_id()
+    return [{k: by_id[i][k] for k in ("id", "name", "supercategory", "isthing")} for i in COCO_THING_IDS]
+
+
+def panoptic_categories() -> list[dict]:
+    return [{k: c[k] for k in ("id", "name", "supercategory", "isthing")} for c in coco_panoptic_categories()]
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """N x H x W booleans as bits (8x smaller to move between processes); `unpack_masks` inverts it."""
+    return np.packbits(masks, axis=-1)
+
+
+def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
+    return np.unpackbits(packed, axis=-1, count=width).astype(bool)
+
+
+class Postprocess(Protocol):
+    """Turns one image's raw model output into segments. Small and picklable: it runs on CPU tasks,
+    away from the model actors, so masks are encoded while the accelerator works on the next batch."""
+
+    def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction: ...
+
+
+class PanopticPostprocess(ABC):
+    """Postprocess of a panoptic model: the id map first (the PNG is written from it), segments from it."""
+
+    @abstractmethod
+    def panoptic(self, raw: dict[str, Any]) -> tuple[np.ndarray, list[dict]]:
+        """The H x W uint32 id map (0 = VOID) and its segments (id, category_id, iscrowd, score)."""
+
+    def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction:
+        return ImagePrediction.from_panoptic(image_id, file_name, *self.panoptic(raw))
+
+
+@dataclass(frozen=True)
+class InstancePostprocess:
+    """Packed masks (with scores and labels) to segments with COCO RLE, in the model's score order."""
+
+    def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction:
+        masks = unpack_masks(raw["masks"], raw["width"])
+        segments = tuple(Segment.from_mask(k + 1, int(label), mask, score=float(score))
+                         for k, (mask, score, label) in enumerate(zip(masks, raw["scores"], raw["labels"])))
+        return ImagePrediction(image_id, file_name, raw["height"], raw["width"], segments)
+
+
+@dataclass(frozen=True)
+class FusionPostprocess(PanopticPostprocess):
+    """Detections and a semantic map (indices into [0, *STUFF_IDS]) merged by `pipeline.fusion`."""
+
+    config: FusionConfig
+
+    def panoptic(self, raw: dict[str, Any]) -> tuple[np.ndarray, list[dict]]:
+        semantic = np.asarray([0, *STUFF_IDS], np.int64)[raw["semantic"]]
+        return fuse_panoptic(unpack_masks(raw["masks"], raw["width"]), raw["scores"], raw["labels"], semantic,
+                             set(STUFF_IDS), self.config)
+
+
+@dataclass(frozen=True)
+class BottomUpPostprocess(PanopticPostprocess):
+    """Panoptic-DeepLab grouping: centres are local maxima of the heatmap, each thing pixel joins the
+    centre its offset points nearest to, an instance's category is its pixels' majority; stuff is the
+    semantic map where no thing is, regions under `stuff_area` pixels become VOID."""
+
+    category_ids: tuple[int, ...]
+    isthing: tuple[bool, ...]
+    centre_threshold: float = 0.1
+    nms_kernel: int = 7
+    top_k: int = 64
+    min_thing_area: int = 8
+    stuff_area: int = 64
+
+    def panoptic(self, raw: dict[str, Any]) -> tuple[np.ndarray, list[dict]]:
+        semantic = raw["semantic"].astype(np.int64)  # H x W indices into category_ids
+        height, width = semantic.shape
+        ids = np.zeros((height, width), np.uint32)
+        segments: list[dict] = []
+        thing = np.asarray(self.isthing)[semantic]
+        centres, scores = self._centres(raw["centre"].astype(np.float32))
+        if len(centres) and thing.any():
+            # Each 1/STRIDE cell points (its centre plus its offset) somewhere; it joins the nearest centre,
+            # by |p - c|^2 = |p|^2 - 2 p.c + |c|^2 (the first term is the same for every c); pixels take
+            # their cell's choice, as Panoptic-DeepLab groups at its output resolution.
+            offset = raw["offset"].astype(np.float32)  # 2 x h x w at 1/STRIDE, in input pixels
+            cy, cx = np.indices(offset.shape[1:], dtype=np.float32) * STRIDE + (STRIDE - 1) / 2
+            pointed = np.stack([(cy + offset[0]).ravel(), (cx + offset[1]).ravel()], axis=1)
+            cells = ((centres ** 2).sum(1)[None, :] - 2 * pointed @ centres.T).argmin(1).reshape(offset.shape[1:])
+            ys, xs = np.nonzero(thing)
+            nearest = cells[ys // STRIDE, xs // STRIDE]
+            k_count = len(centres)
+            sizes = np.bincount(nearest, minlength=k_count)
+            votes = np.bincount(nearest * len(self.category_ids) + semantic[ys, xs],
+                                minlength=k_count * len(self.category_ids)).reshape(k_count, -1)
+            segment_of = np.zeros(k_count, np.uint32)
+            for k in np.flatnonzero(sizes >= self.min_thing_area).tolist():
+                segments.append({"id": len(segments) + 1, "category_id": self.category_ids[int(votes[k].argmax())],
+                                 "iscrowd": 0, "score": float(np.clip(scores[k], 0.0, 1.0))})
+                segment_of[k] = len(segments)
+            ids[ys, xs] = segment_of[nearest]
+        free = ids == 0
+        for index in np.unique(semantic[free & ~thing]).tolist():
+            region = free & (semantic == index)
+            if region.sum() >= self.stuff_area:
+                segments.append({"id": len(segments) + 1, "category_id": self.category_ids[index], "iscrowd": 0,
+                                 "score": 1.0})
+                ids[region] = len(segments)
+        return ids, segments
+
+    def _centres(self, heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(K x 2 centre coordinates in input pixels, K scores): heatmap peaks above the threshold, a peak
+        being the maximum of the `nms_kernel` square around it."""
+        r = self.nms_kernel // 2
+        padded = np.pad(heat, r, constant_values=-np.inf)
+        pooled = np.lib.stride_tricks.sliding_window_view(padded, (self.nms_kernel, self.nms_kernel)).max(axis=(2, 3))
+        ys, xs = np.nonzero((heat == pooled) & (heat > self.centre_threshold))
+        values = heat[ys, xs]
+        order = np.argsort(-values, kind="stable")[: self.top_k]
+        centres = np.stack([ys[order], xs[order]], axis=1).astype(np.float32) * STRIDE + (STRIDE - 1) / 2
+        return centres, values[order]

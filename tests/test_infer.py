@@ -1,0 +1,218 @@
+"""`segpipe infer` on a real local Ray cluster: outputs, GPU pinning, resume after SIGKILL, bad images."""
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.errors import SegpipeError
+from pipeline.fusion import FusionConfig
+from pipeline.infer import InferConfig, run
+from pipeline.models import ModelSettings
+from pipeline.synth import categories
+
+SMALL = ModelSettings(random_weights=True, seed=0, categories=tuple(categories()), score_threshold=0.05,
+                      fusion=FusionConfig(stuff_area_threshold=64))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray for the module, with 2 fake GPUs: on a CPU machine Ray hands out ids 0 and 1."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.name != "summary.json"}
+
+
+def test_panoptic_run_writes_parquet_coco_panoptic_and_results_that_evaluate(cluster, dataset, tmp_path):
+    import duckdb
+
+    from pipeline.evaluate.ap import evaluate_ap
+    from pipeline.evaluate.pq import evaluate_pq
+    from pipeline.validate import validate
+
+    out = tmp_path / "out"
+    summary = run(InferConfig(input=str(dataset / "shards"), out=str(out), model="segpipe_small", settings=SMALL))
+    assert (summary.images, summary.failed, summary.shards) == (12, 0, 3)
+    gt = json.loads((dataset / "annotations" / "panoptic_val.json").read_text())
+    pan = json.loads((out / "panoptic_pred.json").read_text())
+    assert sorted(im["id"] for im in pan["images"]) == sorted(im["id"] for im in gt["images"])
+    assert [c["id"] for c in pan["categories"]] == [c["id"] for c in categories()]
+    report = validate(str(out / "panoptic_pred.json"))
+    assert report.kind == "panoptic" and report.problems == [] and report.images == 12
+    # The predictions table: one row per segment, readable by pyarrow and DuckDB alike.
+    table = pq.read_table(out / "predictions")
+    assert table.num_rows == summary.segments == sum(len(a["segments_info"]) for a in pan["annotations"])
+    parts = str(out / "predictions" / "*.parquet")
+    assert duckdb.sql(f"select count(*), count(distinct image_id) from '{parts}'").fetchall() == [(summary.segments, 12)]
+    results = json.loads((out / "instances_pred_results.json").read_text())
+    things = {c["id"] for c in categories(True)}
+    assert results and {r["category_id"] for r in results} <= things
+    assert len(results) == sum(1 for a in pan["annotations"] for s in a["segments_info"] if s["category_id"] in things)
+    pq_result = evaluate_pq(str(dataset / "annotations" / "panoptic_val.json"), str(out / "panoptic_pred.json"))
+    assert 0.0 <= pq_result["All"]["pq"] <= 1.0 and pq_result["All"]["n"] == 12
+    assert evaluate_pq(str(dataset / "annotations" / "panoptic_val.json"), str(out / "predictions")) == pq_result
+    ap_result = evaluate_ap(str(dataset / "annotations" / "instances_val.json"), str(out / "instances_pred_results.json"))
+    assert len(ap_result["stats"]) == 12
+    written = json.loads((out / "summary.json").read_text())
+    assert written["images"] == 12 and written["outputs"]["panoptic"] == str(out / "panoptic_pred.json")
+
+
+def test_two_gpu_actors_are_pinned_to_distinct_devices_and_run_on_cpu_without_cuda(cluster, dataset, tmp_path):
+    summary = run(InferConfig(input=str(dataset / "val"), out=str(tmp_path / "out"), model="segpipe_small",
+                              settings=SMALL, batch_size=1, actors=2, gpus_per_actor=1, files_per_shard=3))
+    assert len(summary.actors) == 2
+    assert sorted(a["cuda_visible_devices"] for a in summary.actors) == ["0", "1"]
+    assert {a["device"] for a in summary.actors} == {"cpu"}  # CUDA is absent here: the model falls back
+    assert sum(a["images"] for a in summary.actors) == 12 and all(a["images"] > 0 for a in summary.actors)
+
+
+def test_a_request_the_cluster_cannot_place_fails_at_once(cluster, dataset, tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(SegpipeError, match="needs 3 GPUs; the cluster has 2"):
+        run(InferConfig(input=str(dataset / "val"), out=str(tmp_path / "a"), model="segpipe_small", settings=SMALL,
+                        actors=3, gpus_per_actor=1))
+    with pytest.raises(SegpipeError, match="do not fit on 2 CPUs"):
+        run(InferConfig(input=str(dataset / "val"), out=str(tmp_path / "b"), model="segpipe_small", settings=SMALL,
+                        actors=2, cpus_per_actor=1.0))
+    assert time.perf_counter() - start < 30
+
+
+def test_instance_model_writes_results_and_table_but_no_panoptic_files(cluster, dataset, tmp_path):
+    from pipeline.evaluate.ap import evaluate_ap
+
+    settings = ModelSettings(random_weights=True, min_size=96, max_size=128, score_threshold=0.3)
+    out = tmp_path / "out"
+    summary = run(InferConfig(input=str(dataset / "shards" / "val-00002.tar"), out=str(out),
+                              model="maskrcnn_resnet50_fpn", settings=settings))
+    assert summary.images == 2 and not (out / "panoptic_pred.json").exists()
+    results = json.loads((out / "instances_pred_results.json").read_text())
+    assert len(results) == summary.segments == pq.read_table(out / "predictions").num_rows
+    if results:  # random weights at 0.3 may detect nothing; the table and the JSON must agree either way
+        gt = json.loads((dataset / "annotations" / "instances_val.json").read_text())
+        assert {r["image_id"] for r in results} <= {im["id"] for im in gt["images"]}
+
+
+def _png(width: int, height: int, bit_depth: int = 8, color_type: int = 2, data: bytes = b"") -> bytes:
+    """A PNG made by hand: its header can promise any size (the decoder must refuse before allocating)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b"")
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_bad_images_are_converted_or_recorded_and_the_run_goes_on(cluster, dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = sorted((dataset / "val").glob("*.jpg"))[:2]
+    for path in good:
+        (folder / path.name).write_bytes(path.read_bytes())
+    rgb = np.asarray(Image.open(good[0]).convert("RGB"))
+    converted = {
+        "gray.png": _encode(Image.fromarray(rgb[..., 0], "L"), "PNG"),
+        "rgba.png": _encode(Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), "RGBA"), "PNG"),
+        "cmyk.jpg": _encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+        "deep.png": _encode(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), "PNG"),
+    }
+    broken = {
+        "empty.jpg": (b"", "empty file"),
+        "truncated.jpg": (good[0].read_bytes()[:600], "truncated"),
+        "text.png": (b"this is not an image\n" * 10, "not an image"),
+        "huge.png": (_png(100_000, 100_000), "too large"),
+    }
+    for name, data in converted.items():
+        (folder / name).write_bytes(data)
+    for name, (data, _) in broken.items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["infer", "--input", str(folder), "--model", "segpipe_small", "--random-weights",
+                                      "--categories", str(dataset / "annotations" / "panoptic_val.json"),
+                                      "--out", str(out), "--stuff-area", "64"])
+    assert result.exit_code == 1, result.output
+    assert "6 images" in result.output and "4 failed" in result.output
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert sorted(e["image"] for e in errors) == sorted(broken)
+    for error in errors:
+        assert broken[error["image"]][1] in error["reason"] and error["shard"] == f"file://{folder}"
+    pan = json.loads((out / "panoptic_pred.json").read_text())
+    assert sorted(im["file_name"] for im in pan["images"]) == sorted([p.name for p in good] + list(converted))
+    assert all((im["height"], im["width"]) == rgb.shape[:2] for im in pan["images"])
+
+
+def test_a_shard_that_breaks_off_is_an_error_row_not_a_failed_run(cluster, dataset, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes((dataset / "shards" / "val-00002.tar").read_bytes())
+    whole = (dataset / "shards" / "val-00000.tar").read_bytes()
+    (shards / "b.tar").write_bytes(whole[: len(whole) // 2])  # cut in the middle of its third image
+    summary = run(InferConfig(input=str(shards), out=str(tmp_path / "out"), model="segpipe_small", settings=SMALL))
+    errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
+    assert len(errors) == 1 and errors[0]["reason"].startswith("shard unreadable")
+    assert errors[0]["shard"].endswith("b.tar") and summary.failed == 1
+    assert summary.images == 2 + int(errors[0]["image"].split()[2])  # a.tar's 2, and b.tar's up to the cut
+
+
+def test_a_run_killed_midway_resumes_to_the_same_outputs(cluster, tmp_path):
+    """SIGKILL to the driver's whole process group (driver, raylet, GCS, workers), then a rerun."""
+    from pipeline.synth import SynthConfig, write_dataset
+
+    write_dataset(str(tmp_path / "data"), SynthConfig(images=24, split="val", seed=3, height=512, width=512))
+    images, gt = tmp_path / "data" / "val", tmp_path / "data" / "annotations" / "panoptic_val.json"
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "infer", "--input", str(images), "--model", "segpipe_small",
+         "--random-weights", "--categories", str(gt), "--files-per-shard", "2", "--batch-size", "1",
+         "--stuff-area", "64", "--out", str(killed)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = killed / "parts"
+    deadline = time.monotonic() + 240
+    while not (parts.exists() and any(p.suffix == ".json" for p in parts.iterdir())):
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no shard committed within 240 s"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = len([p for p in parts.iterdir() if p.suffix == ".json"])
+    assert 1 <= done_before < 12, "the kill must land midway for this test to mean anything"
+    assert not (killed / "panoptic_pred.json").exists()
+
+    settings = ModelSettings(random_weights=True, categories=tuple(json.loads(gt.read_text())["categories"]),
+                             fusion=FusionConfig(stuff_area_threshold=64))
+    config = dict(input=str(images), model="segpipe_small", settings=settings, files_per_shard=2, batch_size=1)
+    resumed = run(InferConfig(out=str(killed), **config))
+    assert resumed.shards_resumed == done_before and resumed.images == 24
+    unbroken = run(InferConfig(out=str(tmp_path / "unbroken"), **config))
+    assert unbroken.shards_resumed == 0
+    assert _files(killed) == _files(tmp_path / "unbroken")  # every byte: tables, PNGs, JSON exports, markers
+    pan = json.loads((killed / "panoptic_pred.json").read_text())
+    assert sorted(im["id"] for im in pan["images"]) == list(range(1, 25))  # no image twice, none missing
+
+    with pytest.raises(SegpipeError, match="holds a run with other model"):
+        run(InferConfig(out=str(killed), **{**config, "model": "maskrcnn_resnet50_fpn"}))
