@@ -32,7 +32,8 @@ class Rle:
         """Encode a 2-D boolean or 0/1 mask."""
         if mask.ndim != 2:
             raise ValueError(f"a mask must be 2-D, got shape {mask.shape}")
-        encoded = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+        # A column-major bool mask (as `from_panoptic` makes them) is encoded without a copy.
+        encoded = mask_utils.encode(np.asfortranarray(mask.view(np.uint8) if mask.dtype == bool else mask, np.uint8))
         return cls(encoded["counts"].decode("ascii"), mask.shape[0], mask.shape[1])
 
     @classmethod
@@ -126,6 +127,7 @@ class ImagePrediction:
     def from_panoptic(cls, image_id: int, file_name: str, ids: np.ndarray,
                       segments_info: Sequence[dict]) -> ImagePrediction:
         """From an id map and its `segments_info`; area and box are measured from the pixels."""
+        ids = np.asfortranarray(ids)  # so that each `ids == id` is column-major, as COCO RLE runs
         segments = tuple(
             Segment.from_mask(info["id"], info["category_id"], ids == info["id"],
                               score=float(info.get("score", 1.0)), iscrowd=bool(info.get("iscrowd", 0)))
