@@ -142,3 +142,32 @@ class BottomUpPostprocess(PanopticPostprocess):
         order = np.argsort(-values, kind="stable")[: self.top_k]
         centres = np.stack([ys[order], xs[order]], axis=1).astype(np.float32) * STRIDE + (STRIDE - 1) / 2
         return centres, values[order]
+
+
+def bottom_up_targets(ids: np.ndarray, segments_info: list[dict], category_ids: tuple[int, ...],
+                      isthing: tuple[bool, ...], sigma: float = 8.0) -> dict[str, np.ndarray]:
+    """What `BottomUpPostprocess` decodes, made from a ground-truth panoptic map (the training targets of
+    segpipe_small): `semantic` (H x W category indices, 255 = VOID), `centre` (Gaussian of `sigma` pixels
+    around each non-crowd thing's centre of mass, at 1/STRIDE), `offset` (2 x h x w, cell centre to its
+    thing's centre, in pixels) and `offset_weight` (1 on cells whose centre pixel is a non-crowd thing)."""
+    height, width = ids.shape
+    index = {c: i for i, c in enumerate(category_ids)}
+    h, w = -(-height // STRIDE), -(-width // STRIDE)
+    semantic = np.full((height, width), 255, np.uint8)
+    centre = np.zeros((h, w), np.float32)
+    offset = np.zeros((2, h, w), np.float32)
+    weight = np.zeros((h, w), np.float32)
+    cy, cx = np.indices((h, w), dtype=np.float32) * STRIDE + (STRIDE - 1) / 2
+    cell_ids = ids[np.minimum(cy.astype(int) + 1, height - 1), np.minimum(cx.astype(int) + 1, width - 1)]
+    for segment in segments_info:
+        mask = ids == segment["id"]
+        k = index[segment["category_id"]]
+        semantic[mask] = k
+        if not isthing[k] or segment.get("iscrowd"):
+            continue
+        ys, xs = np.nonzero(mask)
+        y0, x0 = ys.mean(), xs.mean()
+        np.maximum(centre, np.exp(-((cy - y0) ** 2 + (cx - x0) ** 2) / (2 * sigma ** 2)), out=centre)
+        cells = cell_ids == segment["id"]
+        offset[0][cells], offset[1][cells], weight[cells] = y0 - cy[cells], x0 - cx[cells], 1.0
+    return {"semantic": semantic, "centre": centre, "offset": offset, "offset_weight": weight}
