@@ -33,17 +33,17 @@ def prepare(data: Path, images: int, height: int, width: int, seed: int = 0) -> 
     return data / "shards"
 
 
-def _settings(data: Path):
+def _settings(data: Path, weights: str | None):
     from pipeline.fusion import FusionConfig
     from pipeline.io.fs import read_json
     from pipeline.models import ModelSettings
 
-    categories = tuple(read_json(str(data / "annotations" / "panoptic_val.json"))["categories"])
-    return ModelSettings(random_weights=True, seed=0, categories=categories, min_size=256, max_size=512,
-                         fusion=FusionConfig(stuff_area_threshold=64))
+    categories = None if weights else tuple(read_json(str(data / "annotations" / "panoptic_val.json"))["categories"])
+    return ModelSettings(weights=weights, random_weights=weights is None, seed=0, categories=categories,
+                         min_size=256, max_size=512, fusion=FusionConfig(stuff_area_threshold=64))
 
 
-def raw(data: Path, model: str, batch_size: int, threads: int) -> dict:
+def raw(data: Path, model: str, weights: str | None, batch_size: int, threads: int) -> dict:
     """The bare model: decoded batches in memory, `forward` timed over all of them after one warm-up."""
     import torch
 
@@ -52,7 +52,7 @@ def raw(data: Path, model: str, batch_size: int, threads: int) -> dict:
     from pipeline.models import load_model
 
     torch.set_num_threads(threads)
-    net = load_model(model, _settings(data))
+    net = load_model(model, _settings(data, weights))
     batches = []
     for shard in list_shards(str(data / "shards")):
         images = [decode_image(record.data) for record in read_shard(shard)]
@@ -66,16 +66,17 @@ def raw(data: Path, model: str, batch_size: int, threads: int) -> dict:
     return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
 
 
-def pipeline(data: Path, model: str, batch_size: int, actors: int, threads: int, out: Path) -> dict:
+def pipeline(data: Path, model: str, weights: str | None, batch_size: int, actors: int, threads: int, out: Path) -> dict:
     """`segpipe infer` end to end into a fresh folder; one actor gets `threads` CPUs (and so threads),
     more actors share what the read and post-processing tasks leave (the default)."""
     from pipeline.infer import InferConfig, run
 
     shutil.rmtree(out, ignore_errors=True)
-    summary = run(InferConfig(input=str(data / "shards"), out=str(out), model=model, settings=_settings(data),
+    summary = run(InferConfig(input=str(data / "shards"), out=str(out), model=model, settings=_settings(data, weights),
                               batch_size=batch_size, actors=actors, cpus_per_actor=float(threads) if actors == 1 else None))
     seconds = summary.wall_s - summary.ray_start_s
-    return {"images": summary.images, "seconds": seconds, "images_per_s": summary.images / seconds,
+    return {"images": summary.images, "segments": summary.segments, "seconds": seconds,
+            "images_per_s": summary.images / seconds,
             "steady_images_per_s": summary.steady_images_per_s, "ray_start_s": summary.ray_start_s,
             "stage_s": summary.stage_s, "actors": summary.actors}
 
@@ -90,22 +91,24 @@ def _fresh(kind: str, **kwargs) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(data: Path, images: int, height: int, width: int, model: str, batch_size: int, threads: int,
-        repeat: int, actor_counts: list[int], out: Path, echo=print) -> dict:
+def run(data: Path, images: int, height: int, width: int, model: str, weights: str | None, batch_size: int,
+        threads: int, repeat: int, actor_counts: list[int], out: Path, echo=print) -> dict:
     """Measure, write the report JSON, print a table; returns the report."""
     prepare(data, images, height, width)
     runs: dict[str, list[dict]] = {"raw": [], **{f"pipeline-{a}": [] for a in actor_counts}}
     for r in range(repeat):
-        runs["raw"].append(_fresh("raw", data=data, model=model, batch_size=batch_size, threads=threads))
+        runs["raw"].append(_fresh("raw", data=data, model=model, weights=weights, batch_size=batch_size, threads=threads))
         for a in actor_counts:
-            runs[f"pipeline-{a}"].append(_fresh("pipeline", data=data, model=model, batch_size=batch_size,
+            runs[f"pipeline-{a}"].append(_fresh("pipeline", data=data, model=model, weights=weights, batch_size=batch_size,
                                                 actors=a, threads=threads, out=data / "out"))
         echo(f"repeat {r + 1}/{repeat}: " + ", ".join(f"{k} {v[-1]['images_per_s']:.2f} img/s" for k, v in runs.items()))
+    segments = runs[f"pipeline-{actor_counts[0]}"][-1]["segments"] / images
     median = {k: statistics.median(m["images_per_s"] for m in v) for k, v in runs.items()}
     report = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "setup": {"images": images, "size": [height, width], "model": model, "batch_size": batch_size,
-                  "threads": threads, "repeat": repeat, "weights": "random (seed 0)"},
+                  "threads": threads, "repeat": repeat, "weights": weights or "random (seed 0)"},
+        "segments_per_image": segments,
         "median_images_per_s": median,
         "efficiency": {f"pipeline-{a}": median[f"pipeline-{a}"] / median["raw"] for a in actor_counts},
         "scaling": {f"pipeline-{a}": median[f"pipeline-{a}"] / median[f"pipeline-{actor_counts[0]}"]

@@ -225,7 +225,8 @@ def bench_infer(
     data: Annotated[str, typer.Option(help="Folder for the synthetic shards (made once, then reused).")] = "bench-infer-data",
     images: Annotated[int, typer.Option(min=1, help="Images.")] = 1024,
     size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "256x256",
-    model: Annotated[str, typer.Option(help="Model (random weights).")] = "segpipe_small",
+    model: Annotated[str, typer.Option(help="Model.")] = "segpipe_small",
+    weights: Annotated[Optional[str], typer.Option(help="Checkpoint to measure with (default: random weights, seed 0).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 8,
     threads: Annotated[int, typer.Option(min=1, help="torch threads of the raw model (the pipeline's actor gets as many CPUs).")] = 1,
     repeat: Annotated[int, typer.Option(min=1, help="Runs per measurement; the median is reported.")] = 3,
@@ -240,8 +241,8 @@ def bench_infer(
 
     check_model_name(model)
     height, width = _size(size)
-    run(Path(data), images, height, width, model, batch_size, threads, repeat, _counts(actors, "--actors"), Path(out),
-        echo=typer.echo)
+    run(Path(data), images, height, width, model, weights, batch_size, threads, repeat, _counts(actors, "--actors"),
+        Path(out), echo=typer.echo)
     typer.echo(f"report: {out}")
 
 
