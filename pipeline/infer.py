@@ -169,7 +169,7 @@ class _Predictor:
         self.model = load_model(model, replace(settings, device=device))
         self.actor = {"pid": os.getpid(), "node": os.uname().nodename, "device": device, "threads": threads,
                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-                      "load_s": time.perf_counter() - start, "ready_at": time.time()}
+                      "load_s": time.perf_counter() - start}
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []
