@@ -308,8 +308,11 @@ def run(config: InferConfig, progress: Callable[[str], None] = lambda line: None
     if config.settings.weights is not None:
         from pipeline.models import load_model
 
-        load_model(config.model, config.settings)  # a checkpoint that does not fit fails here, before any Ray work
-    categories, panoptic = describe(config.model, config.settings)
+        model = load_model(config.model, config.settings)  # a checkpoint that does not fit fails here, before Ray
+        categories, panoptic = model.categories, model.panoptic
+        del model
+    else:
+        categories, panoptic = describe(config.model, config.settings)
     shards = list_shards(config.input, config.files_per_shard)
     layout = _Layout(config.out, config.name)
     _start_or_resume(layout, _identity(config, shards))

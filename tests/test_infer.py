@@ -110,6 +110,26 @@ def test_instance_model_writes_results_and_table_but_no_panoptic_files(cluster, 
         assert {r["image_id"] for r in results} <= {im["id"] for im in gt["images"]}
 
 
+def test_weights_come_from_the_checkpoint_with_its_categories_and_a_bad_one_fails_before_ray(cluster, dataset, tmp_path):
+    import torch
+
+    from pipeline.models import load_model
+
+    model = load_model("segpipe_small", SMALL)
+    torch.save({"model": model.module.state_dict(), "categories": list(categories())}, tmp_path / "small.pt")
+    settings = ModelSettings(weights=str(tmp_path / "small.pt"), fusion=SMALL.fusion)
+    summary = run(InferConfig(input=str(dataset / "shards" / "val-00002.tar"), out=str(tmp_path / "out"),
+                              model="segpipe_small", settings=settings))
+    pan = json.loads((tmp_path / "out" / "panoptic_pred.json").read_text())
+    assert summary.images == 2 and [c["id"] for c in pan["categories"]] == [c["id"] for c in categories()]
+    torch.save({"model": {"stem.0.0.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
+    start = time.perf_counter()
+    with pytest.raises(SegpipeError, match="bad.pt: does not fit segpipe_small"):
+        run(InferConfig(input=str(dataset / "val"), out=str(tmp_path / "bad"), model="segpipe_small",
+                        settings=ModelSettings(weights=str(tmp_path / "bad.pt"))))
+    assert time.perf_counter() - start < 10 and not (tmp_path / "bad").exists()
+
+
 def _png(width: int, height: int, bit_depth: int = 8, color_type: int = 2, data: bytes = b"") -> bytes:
     """A PNG made by hand: its header can promise any size (the decoder must refuse before allocating)."""
     def chunk(kind: bytes, body: bytes) -> bytes:
