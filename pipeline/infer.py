@@ -268,8 +268,8 @@ def _resources(config: InferConfig) -> tuple[float, int]:
         if config.gpus_per_actor > 0:
             per_actor = min(per_actor, 1.0)  # an actor that feeds a GPU needs one CPU at most
     if per_actor < 0.25 or config.actors * per_actor + 2 * TASK_CPUS > cpus:
-        raise SegpipeError(f"--actors {config.actors} do not fit on {cpus:g} CPUs: each actor needs at least "
-                           f"0.25 CPU ({per_actor:g} asked) beside {2 * TASK_CPUS:g} for reading and post-processing")
+        raise SegpipeError(f"--actors {config.actors} do not fit on {cpus:g} CPUs: {config.actors} x {per_actor:g} "
+                           f"CPU (at least 0.25 each) + {2 * TASK_CPUS:g} for reading and post-processing")
     return per_actor, max(1, int(per_actor))
 
 
@@ -348,17 +348,21 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
     try:
         actor_cpus, threads = _resources(config)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # our progress lines replace Ray Data's
+        # Ray Data's settings for this run only (the context is process-wide): restored in `finally`.
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        context.enable_auto_log_stats = False
-        # Every row is a whole batch of images: one block each, so a batch moves on to the actor (and
-        # from it to post-processing) as soon as it is ready, not when its block fills up.
-        context.target_max_block_size = 1
-        # Start every actor before the first batch: a model that cannot load fails the run at once, a pool
-        # the cluster cannot place (an autoscaler that never delivers) fails after this long instead of
-        # hanging, and the batches are spread over all actors from the start.
-        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+        overrides = {
+            "enable_progress_bars": False, "print_on_execution_start": False, "enable_auto_log_stats": False,
+            # Every row is a whole batch of images: one block each, so a batch moves on to the actor (and
+            # from it to post-processing) as soon as it is ready, not when its block fills up.
+            "target_max_block_size": 1,
+            # Start every actor before the first batch: a model that cannot load fails the run at once, a
+            # pool the cluster cannot place (an autoscaler that never delivers) fails after this long instead
+            # of hanging, and the batches are spread over all actors from the start.
+            "wait_for_min_actors_s": ACTOR_START_TIMEOUT_S,
+        }
+        saved = {name: getattr(context, name) for name in overrides}
+        for name, value in overrides.items():
+            setattr(context, name, value)
         dataset = (
             ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
             .flat_map(_read, fn_kwargs={"shards": shards, "batch_size": config.batch_size,
@@ -377,6 +381,9 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
             _collect(rows, config, shards, layout, panoptic, summary, progress, len(todo))
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
             raise SegpipeError(_ray_failure(error)) from None
+        finally:
+            for name, value in saved.items():
+                setattr(context, name, value)
     finally:
         if started:
             ray.shutdown()

@@ -82,6 +82,9 @@ def test_two_gpu_actors_are_pinned_to_distinct_devices_and_run_on_cpu_without_cu
     assert sorted(a["cuda_visible_devices"] for a in summary.actors) == ["0", "1"]
     assert {a["device"] for a in summary.actors} == {"cpu"}  # CUDA is absent here: the model falls back
     assert sum(a["images"] for a in summary.actors) == 12 and all(a["images"] > 0 for a in summary.actors)
+    from ray.data import DataContext
+
+    assert DataContext.get_current().target_max_block_size != 1  # the run's Ray Data settings were its own
 
 
 def test_a_request_the_cluster_cannot_place_fails_at_once(cluster, dataset, tmp_path):

@@ -11,6 +11,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet5
 from pipeline.models.base import Model, ModelSettings, build_module, to_tensors
 from pipeline.models.outputs import COCO_THING_IDS, InstancePostprocess, pack_masks, thing_categories
 
+
 def detections(out: dict[str, torch.Tensor], settings: ModelSettings, valid: torch.Tensor, height: int,
                width: int, mask_threshold: float) -> dict[str, Any]:
     """One image's torchvision detections above the score threshold, masks thresholded and packed.

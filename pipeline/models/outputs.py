@@ -21,14 +21,18 @@ STRIDE = 4
 """segpipe_small's output resolution: one centre and offset per 4 x 4 pixels."""
 
 
+def _described(category: dict) -> dict:
+    return {k: category[k] for k in ("id", "name", "supercategory", "isthing")}
+
+
 def thing_categories() -> list[dict]:
     """COCO's 80 thing categories, as the panoptic categories file describes them."""
     by_id = category_by_id()
-    return [{k: by_id[i][k] for k in ("id", "name", "supercategory", "isthing")} for i in COCO_THING_IDS]
+    return [_described(by_id[i]) for i in COCO_THING_IDS]
 
 
 def panoptic_categories() -> list[dict]:
-    return [{k: c[k] for k in ("id", "name", "supercategory", "isthing")} for c in coco_panoptic_categories()]
+    return [_described(c) for c in coco_panoptic_categories()]
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
