@@ -155,6 +155,49 @@ def infer(
         raise typer.Exit(1)
 
 
+@app.command()
+@_user_errors
+def train(
+    train: Annotated[str, typer.Option(help="Training labels: COCO panoptic or instances JSON, or a `segpipe infer` output folder (pseudo-labels).")],
+    val: Annotated[str, typer.Option(help="Validation labels, in the same forms; PQ and AP are measured on them.")],
+    model: Annotated[str, typer.Option(help="segpipe_small (from scratch or --init), maskrcnn_resnet50_fpn(_v2) (fine-tuned from --init).")],
+    out: Annotated[str, typer.Option(help="Output folder (any fsspec URI): checkpoints/, model.pt, metrics.json, train.json.")],
+    init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint (path or URI); default: random initialisation.")] = None,
+    train_images: Annotated[Optional[str], typer.Option(help="Images of --train (default: COCO layout, ROOT/SPLIT beside ROOT/annotations/; an infer folder's input).")] = None,
+    val_images: Annotated[Optional[str], typer.Option(help="Images of --val (default as for --train-images).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimiser steps (or give --epochs).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(min=0, help="Passes over the training images (or give --steps).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step, over all workers.")] = 8,
+    learning_rate: Annotated[Optional[float], typer.Option(min=0, help="Peak learning rate (default: the model's: 2e-3 AdamW for segpipe_small, 5e-3 SGD for Mask R-CNN).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP: gloo on CPU, nccl on GPU).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs each worker holds; 0 trains on CPU.")] = 0,
+    checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="Validate and checkpoint every this many steps (default: 5 times a run).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation, data order and flips.")] = 0,
+    min_size: Annotated[int, typer.Option(min=16, help="Mask R-CNN: shorter side the images are resized to.")] = 800,
+    max_size: Annotated[int, typer.Option(min=16, help="Mask R-CNN: longest side at most.")] = 1333,
+    resume: Annotated[bool, typer.Option(help="Continue the run OUT holds from its last checkpoint.")] = False,
+    address: Address = None,
+) -> None:
+    """Train a model on Ray Train (data-parallel), validating with segpipe's PQ and AP; resumable."""
+    from dataclasses import replace
+
+    from pipeline import train as train_stage
+
+    config = train_stage.TrainConfig(
+        train=train, val=val, model=model, out=out, init=init, train_images=train_images, val_images=val_images,
+        workers=workers, gpus_per_worker=gpus_per_worker, steps=steps, epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every, resume=resume, address=address,
+        settings=replace(train_stage.TrainConfig.settings, min_size=min_size, max_size=max_size))
+    start = time.perf_counter()
+    result = train_stage.run(config, progress=lambda line: typer.echo(line, err=True))
+    typer.echo(f"trained {result.steps} steps in {time.perf_counter() - start:.1f} s")
+    typer.echo(f"{'step':>6} {'PQ':>7} {'PQ_th':>7} {'PQ_st':>7} {'AP':>7}")
+    for point in result.history:
+        typer.echo(f"{point['step']:>6} " + " ".join(
+            f"{point[key]:7.4f}" if key in point else f"{'-':>7}" for key in ("pq", "pq_things", "pq_stuff", "ap")))
+    typer.echo(f"model: {result.model}")
+
+
 def _report(result: dict, table: str, out: str | None, start: float) -> None:
     if out:
         write_json(out, result)

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cluster import connect
 from pipeline.errors import SegpipeError
 from pipeline.io.decode import ImageDecodeError, decode_image
 from pipeline.io.fs import join, read_json, url_to_fs, write_bytes, write_json
@@ -222,6 +223,7 @@ class _Layout:
         self.panoptic = join(out, f"panoptic_{name}.json")
         self.results = join(out, f"instances_{name}_results.json")
         self.errors = join(out, "errors.parquet")
+        self.categories = join(out, "categories.json")
         self.summary = join(out, "summary.json")
 
     def parquet(self, index: int) -> str:
@@ -271,22 +273,6 @@ def _resources(config: InferConfig) -> tuple[float, int]:
         raise SegpipeError(f"--actors {config.actors} do not fit on {cpus:g} CPUs: {config.actors} x {per_actor:g} "
                            f"CPU (at least 0.25 each) + {2 * TASK_CPUS:g} for reading and post-processing")
     return per_actor, max(1, int(per_actor))
-
-
-def _connect(address: str | None) -> bool:
-    """Join `address`, or start a local Ray for this run; True when this call started it."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
-                 log_to_driver=False, configure_logging=True)
-    except (ConnectionError, ValueError, RuntimeError) as error:
-        raise SegpipeError(f"cannot reach the Ray cluster at {address or 'a new local instance'} ({error})") from None
-    return True
 
 
 def _image_info(uri: str | None) -> dict | None:
@@ -343,7 +329,7 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
     import ray.data
 
     connect_start = time.perf_counter()
-    started = _connect(config.address)
+    started = connect(config.address)
     summary.ray_start_s = time.perf_counter() - connect_start
     try:
         actor_cpus, threads = _resources(config)
@@ -491,6 +477,7 @@ def _merge(layout: _Layout, count: int, categories: list[dict], panoptic: bool, 
     results = [r for index in range(count) for p in read_predictions([layout.parquet(index)])
                for r in p.to_coco_results() if r["category_id"] in thing_ids]
     write_json(layout.results, results)
+    write_json(layout.categories, categories)  # what the table's category ids mean, for readers such as `segpipe train`
     summary.outputs = {"predictions": layout.predictions, "instances_results": layout.results}
     if panoptic:
         write_json(layout.panoptic, {"info": {"description": "segpipe infer"}, "images": images,

@@ -1,6 +1,9 @@
 """Shared fixtures: small synthetic datasets and a real S3 API (moto's server) on loopback."""
 
+import os
+import signal
 import socket
+import time
 
 import pytest
 
@@ -46,3 +49,37 @@ def s3_bucket(s3_endpoint, monkeypatch):
     fs.mkdir(name)
     fs.clear_instance_cache()
     return name
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+@pytest.fixture
+def kill_session():
+    """SIGKILL every live process of a session: the driver, Ray's GCS and raylet, and Ray's workers, which
+    make process groups of their own (so killpg on the driver's group would leave them running)."""
+    def kill(sid: int) -> int:
+        killed = 0
+        for _ in range(50):  # until none is left: a dying raylet may still have forked a worker
+            members = _session_members(sid)
+            if not members:
+                return killed
+            for pid in members:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"processes of session {sid} survive SIGKILL: {_session_members(sid)}")
+    return kill

@@ -2,8 +2,6 @@
 
 import io
 import json
-import os
-import signal
 import struct
 import subprocess
 import sys
@@ -202,8 +200,8 @@ def test_a_shard_that_breaks_off_is_an_error_row_not_a_failed_run(cluster, datas
     assert summary.images == 2 + int(errors[0]["image"].split()[2])  # a.tar's 2, and b.tar's up to the cut
 
 
-def test_a_run_killed_midway_resumes_to_the_same_outputs(cluster, tmp_path):
-    """SIGKILL to the driver's whole process group (driver, raylet, GCS, workers), then a rerun."""
+def test_a_run_killed_midway_resumes_to_the_same_outputs(cluster, tmp_path, kill_session):
+    """SIGKILL to every process of the run's session (driver, raylet, GCS, workers), then a rerun."""
     from pipeline.synth import SynthConfig, write_dataset
 
     write_dataset(str(tmp_path / "data"), SynthConfig(images=24, split="val", seed=3, height=512, width=512))
@@ -220,7 +218,7 @@ def test_a_run_killed_midway_resumes_to_the_same_outputs(cluster, tmp_path):
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline, "no shard committed within 240 s"
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
+    assert kill_session(process.pid) >= 4  # the driver, GCS, raylet and at least one worker
     process.wait()
     done_before = len([p for p in parts.iterdir() if p.suffix == ".json"])
     assert 1 <= done_before < 12, "the kill must land midway for this test to mean anything"

@@ -1,0 +1,211 @@
+"""`segpipe train`: data-parallel training on Ray Train's TorchTrainer, checkpoints a resumed run continues from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from importlib.metadata import version
+
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import SegpipeError
+from pipeline.fusion import FusionConfig
+from pipeline.io.fs import join, read_json, url_to_fs, write_bytes, write_json
+from pipeline.models import check_model_name
+from pipeline.models.base import ModelSettings
+from pipeline.train.data import check_categories, load_dataset
+from pipeline.train.worker import MODEL_FILE, Plan
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    train: str
+    val: str
+    model: str
+    out: str
+    init: str | None = None
+    train_images: str | None = None
+    val_images: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    learning_rate: float | None = None  # default: the model's (Objective.learning_rate)
+    warmup: int = 20
+    seed: int = 0
+    checkpoint_every: int | None = None  # default: 5 validations per run
+    log_every: int = 10
+    settings: ModelSettings = ModelSettings(fusion=replace(FusionConfig(), stuff_area_threshold=64))
+    resume: bool = False
+    address: str | None = None
+
+
+@dataclass
+class TrainResult:
+    model: str  # URI of model.pt
+    steps: int
+    history: list[dict]
+
+
+def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None) -> TrainResult:
+    """Train `config.model` on `config.train`, validating on `config.val`; OUT gets checkpoints/, model.pt,
+    train.json (what the run is) and metrics.json (validation after each checkpoint)."""
+    from pipeline.models import load_model
+    from pipeline.train.objectives import objective_for
+
+    check_model_name(config.model)
+    if config.workers < 1 or config.batch_size < 1:
+        raise SegpipeError("--workers and --batch-size must be at least 1")
+    if config.batch_size % config.workers:
+        raise SegpipeError(f"--batch-size {config.batch_size} does not split over --workers {config.workers}: "
+                           "use a multiple of the worker count")
+    if (config.steps is None) == (config.epochs is None):
+        raise SegpipeError("give one of --steps and --epochs")
+    train = load_dataset(config.train, config.train_images)
+    val = load_dataset(config.val, config.val_images)
+    if config.model == "segpipe_small" and train.kind == "instances":
+        raise SegpipeError(f"{config.train}: COCO instances labels; segpipe_small learns panoptic labels (things "
+                           "and stuff): give a COCO panoptic file or a panoptic model's predictions")
+    settings = replace(config.settings, weights=config.init, random_weights=config.init is None, seed=config.seed,
+                       categories=tuple(train.categories) if config.init is None else None)
+    adapter = load_model(config.model, settings)  # an unreadable or unfitting --init fails here, before Ray
+    objective = objective_for(adapter)
+    for dataset in (train, val):
+        check_categories(dataset, adapter.categories, f"{config.model}" + (f" (from {config.init})" if config.init else ""),
+                         objective.things_only)
+    steps = config.steps if config.steps is not None else math.ceil(config.epochs * len(train.examples) / config.batch_size)
+    if steps < 1:
+        raise SegpipeError("--steps / --epochs give no training step")
+    identity = {"format": FORMAT_VERSION, "model": config.model, "init": config.init,
+                "train": {"uri": config.train, "images": train.images, "fingerprint": train.fingerprint},
+                "val": {"uri": config.val, "images": val.images, "fingerprint": val.fingerprint},
+                "steps": steps, "batch_size": config.batch_size,
+                "learning_rate": config.learning_rate or objective.learning_rate, "warmup": min(config.warmup, steps),
+                "seed": config.seed, "checkpoint_every": config.checkpoint_every or max(1, math.ceil(steps / 5)),
+                "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "categories")}}
+    identity = json.loads(json.dumps(identity))
+    out = config.out.rstrip("/")
+    new_run = _check_out(out, identity, config.resume)
+    metadata = {"data": {"train": train.fingerprint, "val": val.fingerprint}, "code_version": version("segpipe"),
+                "run_id": hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16],
+                "settings": identity["settings"], "batch_size": config.batch_size}
+    plan = Plan(model=config.model, settings=settings, train=train, val=val, steps=steps, batch_size=config.batch_size,
+                learning_rate=identity["learning_rate"], warmup=identity["warmup"], seed=config.seed,
+                checkpoint_every=identity["checkpoint_every"], log_every=config.log_every, threads=1, metadata=metadata)
+    del adapter, objective
+    progress(f"training {config.model} for {steps} steps (batch {config.batch_size} over {config.workers} "
+             f"workers) on {len(train.examples)} images; validating on {len(val.examples)} every "
+             f"{plan.checkpoint_every} steps")
+    _fit(config, plan, out, identity if new_run else None)
+    history = read_json(join(out, "metrics.json"))["history"]
+    return TrainResult(model=join(out, MODEL_FILE), steps=steps, history=history)
+
+
+def _check_out(out: str, identity: dict, resume: bool) -> bool:
+    """Whether OUT can take this run (refused with one line if not); True when it is a new run."""
+    fs, path = url_to_fs(join(out, "train.json"))
+    if fs.exists(path):
+        previous = read_json(join(out, "train.json"))
+        if not resume:
+            raise SegpipeError(f"{out}: holds a training run; pass --resume to continue it, or use another --out")
+        if previous != identity:
+            changed = sorted(k for k in identity if previous.get(k) != identity[k])
+            raise SegpipeError(f"{out}: holds a run with other {', '.join(changed)}; it cannot be resumed with these")
+        return False
+    if resume:
+        raise SegpipeError(f"{out}: no training run to resume (no train.json)")
+    return True
+
+
+def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> None:
+    """Run the TorchTrainer (a new run writes `identity` to train.json first); OUT gets the last
+    checkpoint's model.pt and the validation history."""
+    import io
+
+    import ray
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.cluster import connect
+
+    # Workers' output reaches this terminal: rank 0's progress lines, once each (Ray Train's print patch off).
+    started = connect(config.address, log_to_driver=True, runtime_env={
+        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+        "worker_process_setup_hook": "pipeline.train.worker.quiet_logs"})
+    try:
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if config.workers * config.gpus_per_worker > gpus:
+            raise SegpipeError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker:g} needs "
+                               f"{config.workers * config.gpus_per_worker:g} GPUs; the cluster has {gpus:g}")
+        per_worker = math.floor(cpus / config.workers)
+        if per_worker < 1:
+            raise SegpipeError(f"--workers {config.workers} do not fit on {cpus:g} CPUs (each needs 1)")
+        if identity is not None:  # after every check: a refused run leaves OUT untouched
+            write_json(join(out, "train.json"), identity)
+        plan = replace(plan, threads=per_worker, settings=replace(
+            plan.settings, device="cuda" if config.gpus_per_worker > 0 else "cpu"))
+        fs, path = url_to_fs(out)
+        storage = ({"storage_path": os.path.abspath(path)} if isinstance(fs, LocalFileSystem)
+                   else {"storage_path": path, "storage_filesystem": _arrow_fs(fs)})
+        trainer = TorchTrainer(
+            _loop, train_loop_config={"plan": plan},
+            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
+                                         resources_per_worker={"CPU": per_worker,
+                                                               **({"GPU": config.gpus_per_worker}
+                                                                  if config.gpus_per_worker else {})}),
+            run_config=RunConfig(name="checkpoints", **storage, checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=0),
+                                 logging_config=LoggingConfig(log_level="WARNING")))
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as error:
+            raise SegpipeError(_worker_error(error)) from None
+        if result.checkpoint is None:
+            raise SegpipeError(f"{out}: training ended without a checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            with open(os.path.join(folder, MODEL_FILE), "rb") as f:
+                data = f.read()
+        write_bytes(join(out, MODEL_FILE), data)
+        history = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["history"]
+        write_json(join(out, "metrics.json"), {"history": history})
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _loop(config: dict) -> None:
+    from pipeline.train.worker import train_loop
+
+    train_loop(config["plan"])
+
+
+def _arrow_fs(fs):
+    import pyarrow.fs
+
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _worker_error(error: Exception) -> str:
+    """One line for a failed run: a worker's SegpipeError as it is, anything else by type and message."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for failure in failures.values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, SegpipeError):
+                return str(seen)
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    first = next(iter(failures.values()), error)
+    for line in str(first).splitlines():
+        if "SegpipeError: " in line:
+            return line.split("SegpipeError: ", 1)[1].strip()
+    lines = [line for line in str(first).strip().splitlines() if line.strip()]
+    return f"training failed: {lines[-1] if lines else type(first).__name__}"

@@ -1,0 +1,148 @@
+"""Training without Ray: datasets become samples, the sample stream, validation = `segpipe eval`, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import SegpipeError
+from pipeline.fusion import FusionConfig
+from pipeline.models import ModelSettings, load_model
+from pipeline.synth import categories
+from pipeline.train.data import decode, load_dataset, read_encoded
+from pipeline.train.worker import Plan, sample_index, validate
+
+
+def _plan(dataset, steps=10, batch_size=4, seed=0):
+    return Plan(model="segpipe_small", settings=ModelSettings(), train=dataset, val=dataset, steps=steps,
+                batch_size=batch_size, learning_rate=1e-3, warmup=1, seed=seed, checkpoint_every=5, log_every=5,
+                threads=1)
+
+
+def test_panoptic_and_instances_files_decode_to_the_same_thing_maps(dataset):
+    panoptic = load_dataset(str(dataset / "annotations" / "panoptic_val.json"))
+    instances = load_dataset(str(dataset / "annotations" / "instances_val.json"))
+    assert (panoptic.kind, instances.kind) == ("panoptic", "instances")
+    assert panoptic.images == instances.images == str(dataset / "val")  # COCO's layout
+    assert len(panoptic.examples) == 12 and panoptic.fingerprint != instances.fingerprint
+    by_id = {e.image_id: e for e in instances.examples}
+    thing_ids = {c["id"] for c in categories() if c["isthing"]}
+    for example, encoded in zip(panoptic.examples, read_encoded(panoptic, list(panoptic.examples))):
+        sample = decode(panoptic, example, *encoded)
+        other = decode(instances, by_id[example.image_id], *read_encoded(instances, [by_id[example.image_id]])[0])
+        assert np.array_equal(sample.image, other.image)
+        # Every thing (crowds too) covers the same pixels in both files, whatever its id.
+        things = sorted((s["category_id"], int((sample.ids == s["id"]).sum())) for s in sample.segments
+                        if s["category_id"] in thing_ids)
+        again = sorted((s["category_id"], int((other.ids == s["id"]).sum())) for s in other.segments)
+        assert things == again and things
+
+
+def test_the_sample_stream_is_a_permutation_per_epoch_and_fixed_by_the_seed(dataset):
+    data = load_dataset(str(dataset / "annotations" / "panoptic_val.json"))
+    plan = _plan(data)
+    stream = [sample_index(plan, p) for p in range(36)]
+    for epoch in range(3):
+        assert sorted(i for i, _ in stream[12 * epoch:12 * (epoch + 1)]) == list(range(12))
+    assert stream[:12] != stream[12:24]  # a new order each epoch
+    assert 0 < sum(flip for _, flip in stream) < 36
+    assert stream == [sample_index(plan, p) for p in range(36)]
+    assert stream != [sample_index(_plan(data, seed=1), p) for p in range(36)]
+
+
+def test_validation_gives_the_numbers_segpipe_eval_pq_gives_for_the_same_predictions(dataset, tmp_path):
+    """The training loop's PQ is `segpipe eval pq` of the model's predictions, to the last bit."""
+    from pipeline.evaluate.pq import evaluate_pq
+    from pipeline.io.fs import write_bytes, write_json
+    from pipeline.structures import ImagePrediction, encode_panoptic_png
+
+    data = load_dataset(str(dataset / "annotations" / "panoptic_val.json"))
+    settings = ModelSettings(random_weights=True, seed=3, categories=tuple(data.categories), score_threshold=0.05,
+                             fusion=FusionConfig(stuff_area_threshold=64))
+    adapter = load_model("segpipe_small", settings)
+    examples = list(data.examples)
+    encoded = read_encoded(data, examples)
+    metrics = validate(adapter, data, examples, encoded, rank=0, world=1)
+    annotations = []
+    for example, (image, png) in zip(examples, encoded):
+        sample = decode(data, example, image, png)
+        ids, segments = adapter.postprocess.panoptic(adapter.forward([sample.image])[0])
+        prediction = ImagePrediction.from_panoptic(example.image_id, example.file_name, ids, segments)
+        write_bytes(str(tmp_path / "pred" / example.png), encode_panoptic_png(ids))
+        annotations.append({"image_id": example.image_id, "file_name": example.png,
+                            "segments_info": [s.segment_info() for s in prediction.segments]})
+    write_json(str(tmp_path / "pred.json"), {"annotations": annotations, "categories": list(data.categories)})
+    expected = evaluate_pq(str(dataset / "annotations" / "panoptic_val.json"), str(tmp_path / "pred.json"))
+    assert metrics["pq"] == expected["All"]["pq"] and metrics["pq_things"] == expected["Things"]["pq"]
+    assert metrics["pq_stuff"] == expected["Stuff"]["pq"] and expected["All"]["n"] > 0
+    assert 0 <= metrics["ap"] <= 1
+
+
+@pytest.fixture
+def cli(tmp_path):
+    runner = CliRunner()
+
+    def invoke(*arguments):
+        result = runner.invoke(app, ["train", *arguments])
+        assert "Traceback" not in result.output
+        return result
+    return invoke
+
+
+def test_bad_training_input_is_one_clear_line(cli, dataset, tmp_path):
+    panoptic = str(dataset / "annotations" / "panoptic_val.json")
+    gt = json.loads((dataset / "annotations" / "panoptic_val.json").read_text())
+    empty = tmp_path / "annotations" / "panoptic_empty.json"
+    empty.parent.mkdir()
+    empty.write_text(json.dumps({**gt, "annotations": []}))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    # A checkpoint made for other categories: the data's category 1 is not among them.
+    import torch
+
+    others = [c for c in categories() if c["id"] != 1]
+    net = load_model("segpipe_small", ModelSettings(random_weights=True, categories=tuple(others))).module
+    torch.save({"model": net.state_dict(), "categories": others}, tmp_path / "other.pt")
+    common = ["--val", panoptic, "--steps", "1", "--out", str(tmp_path / "out")]
+    for arguments, message in (
+        (["--train", str(empty), "--model", "segpipe_small"], "panoptic_empty.json: holds no annotated images"),
+        (["--train", panoptic, "--model", "segpipe_small", "--init", str(garbage)],
+         "garbage.pt: not a readable PyTorch checkpoint"),
+        (["--train", panoptic, "--model", "segpipe_small", "--init", str(tmp_path / "other.pt")],
+         "category 1 ('person') is not in segpipe_small"),
+        (["--train", str(dataset / "annotations" / "instances_val.json"), "--model", "segpipe_small"],
+         "segpipe_small learns panoptic labels"),
+        (["--train", panoptic, "--model", "segpipe_small", "--resume"], "no training run to resume"),
+        (["--train", panoptic, "--model", "segpipe_small", "--workers", "3"], "does not split over --workers 3"),
+        (["--train", str(tmp_path), "--model", "segpipe_small"], "not a `segpipe infer` output"),
+        (["--train", str(tmp_path / "nowhere.json"), "--model", "segpipe_small"], "nowhere.json: no such file"),
+    ):
+        result = cli(*arguments, *common)
+        assert result.exit_code == 2 and message in result.output.strip().splitlines()[-1], (arguments, result.output)
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_a_run_without_resume_never_overwrites_one_that_exists(cli, dataset, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.json").write_text("{}")
+    panoptic = str(dataset / "annotations" / "panoptic_val.json")
+    result = cli("--train", panoptic, "--val", panoptic, "--model", "segpipe_small", "--steps", "1", "--out", str(out))
+    assert result.exit_code == 2 and "holds a training run; pass --resume" in result.output
+    result = cli("--train", panoptic, "--val", panoptic, "--model", "segpipe_small", "--steps", "1", "--out", str(out),
+                 "--resume")
+    assert result.exit_code == 2 and "holds a run with other" in result.output
+    assert (out / "train.json").read_text() == "{}"
+
+
+def test_images_missing_from_the_shards_are_named(dataset, tmp_path):
+    data = load_dataset(str(dataset / "annotations" / "panoptic_val.json"), images=str(dataset / "shards"))
+    assert len(read_encoded(data, list(data.examples[:3]))) == 3  # tar shards hold them too
+    elsewhere = tmp_path / "images"
+    elsewhere.mkdir()
+    (elsewhere / "other.jpg").write_bytes((dataset / "val" / data.examples[0].file_name).read_bytes())
+    data = load_dataset(str(dataset / "annotations" / "panoptic_val.json"), images=str(elsewhere))
+    with pytest.raises(SegpipeError, match=rf"image '{data.examples[0].file_name}' is not under .*images"):
+        read_encoded(data, list(data.examples[:2]))
