@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pipeline.cluster import connect
 from pipeline.errors import SegpipeError
 from pipeline.io.decode import ImageDecodeError, decode_image
-from pipeline.io.fs import join, read_json, url_to_fs, write_bytes, write_json
+from pipeline.io.fs import absolute, join, read_json, url_to_fs, write_bytes, write_json
 from pipeline.io.shards import Shard, list_shards, read_shard
 from pipeline.io.tables import read_predictions, write_predictions
 from pipeline.models import ModelSettings, check_model_name, describe  # noqa: F401 (ModelSettings: for callers)
@@ -237,7 +237,7 @@ def _identity(config: InferConfig, shards: list[Shard]) -> dict:
     """What determines the outputs; a rerun into the same OUT must match it to resume."""
     settings = asdict(config.settings)
     settings.pop("device")
-    identity = {"format": FORMAT_VERSION, "input": config.input, "model": config.model, "settings": settings,
+    identity = {"format": FORMAT_VERSION, "input": absolute(config.input), "model": config.model, "settings": settings,
                 "name": config.name, "batch_size": config.batch_size, "image_info": config.image_info,
                 "shards": hashlib.sha256(json.dumps([asdict(s) for s in shards]).encode()).hexdigest()}
     return json.loads(json.dumps(identity))  # as run.json will hold it (tuples become lists)

@@ -117,3 +117,27 @@ def test_a_run_killed_midway_resumes_from_its_last_checkpoint(dataset, tmp_path,
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [point["step"] for point in history] == list(range(4, 44, 4))  # before the kill and after, once each
     assert torch.load(out / "model.pt", weights_only=True)["step"] == 40
+
+
+def test_data_and_checkpoints_on_s3(s3_bucket, dataset):
+    """Labels, images and Ray Train's checkpoints all on a real S3 API (moto's server on loopback); a run
+    in its own process, so its Ray workers start with the endpoint in their environment, as a user's would."""
+    import fsspec
+
+    from pipeline.synth import SynthConfig, write_dataset
+
+    root = f"s3://{s3_bucket}/data"
+    write_dataset(root, SynthConfig(images=6, split="val", seed=7))
+    panoptic = f"{root}/annotations/panoptic_val.json"
+    out = f"s3://{s3_bucket}/runs/one"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "train", "--train", panoptic, "--val", panoptic,
+                           "--model", "segpipe_small", "--out", out, "--steps", "2", "--batch-size", "2",
+                           "--checkpoint-every", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    kept = sorted(p for p in fs.ls(f"{s3_bucket}/runs/one/checkpoints") if "/checkpoint_2" in p)
+    assert len(kept) == 2 and all(fs.exists(f"{p}/state.pt") for p in kept)
+    model = load_model("segpipe_small", ModelSettings(weights=f"{out}/model.pt"))  # straight from S3, as infer does
+    assert [c["id"] for c in model.categories] == [c["id"] for c in json.loads(
+        fs.cat_file(f"{s3_bucket}/data/annotations/panoptic_val.json"))["categories"]]
+    assert [p["step"] for p in json.loads(fs.cat_file(f"{s3_bucket}/runs/one/metrics.json"))["history"]] == [1, 2]

@@ -11,7 +11,7 @@ from pipeline.errors import SegpipeError
 from pipeline.fusion import FusionConfig
 from pipeline.models import ModelSettings, load_model
 from pipeline.synth import categories
-from pipeline.train.data import decode, load_dataset, read_encoded
+from pipeline.train.data import check_images, decode, load_dataset, read_encoded
 from pipeline.train.worker import Plan, sample_index, validate
 
 
@@ -146,3 +146,5 @@ def test_images_missing_from_the_shards_are_named(dataset, tmp_path):
     data = load_dataset(str(dataset / "annotations" / "panoptic_val.json"), images=str(elsewhere))
     with pytest.raises(SegpipeError, match=rf"image '{data.examples[0].file_name}' is not under .*images"):
         read_encoded(data, list(data.examples[:2]))
+    with pytest.raises(SegpipeError, match=rf"image '{data.examples[0].file_name}' is not under .*images \(nor 11 more\)"):
+        check_images(data)

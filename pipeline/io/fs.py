@@ -25,6 +25,11 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise SegpipeError(f"{uri}: cannot open this location ({error})") from None
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers run in other folders); URIs with a protocol as they are."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with '/', whatever the filesystem."""
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])

@@ -14,10 +14,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import SegpipeError
 from pipeline.fusion import FusionConfig
-from pipeline.io.fs import join, read_json, url_to_fs, write_bytes, write_json
+from pipeline.io.fs import absolute, join, read_json, url_to_fs, write_bytes, write_json
 from pipeline.models import check_model_name
 from pipeline.models.base import ModelSettings
-from pipeline.train.data import check_categories, load_dataset
+from pipeline.train.data import check_categories, check_images, load_dataset
 from pipeline.train.worker import MODEL_FILE, Plan
 
 FORMAT_VERSION = 1
@@ -61,6 +61,9 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
     from pipeline.train.objectives import objective_for
 
     check_model_name(config.model)
+    # Local paths made absolute: Ray Train runs each worker in a folder of its own.
+    config = replace(config, **{k: absolute(v) for k in ("train", "val", "out", "init", "train_images", "val_images")
+                                if (v := getattr(config, k)) is not None})
     if config.workers < 1 or config.batch_size < 1:
         raise SegpipeError("--workers and --batch-size must be at least 1")
     if config.batch_size % config.workers:
@@ -70,6 +73,8 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
         raise SegpipeError("give one of --steps and --epochs")
     train = load_dataset(config.train, config.train_images)
     val = load_dataset(config.val, config.val_images)
+    for dataset in (train, val):
+        check_images(dataset)
     if config.model == "segpipe_small" and train.kind == "instances":
         raise SegpipeError(f"{config.train}: COCO instances labels; segpipe_small learns panoptic labels (things "
                            "and stuff): give a COCO panoptic file or a panoptic model's predictions")

@@ -152,12 +152,24 @@ def read_encoded(dataset: Dataset, examples: list[Example]) -> list[tuple[bytes,
         for record in read_shard(shard):
             if record.key in wanted:
                 found[record.key] = record.data
-    missing = sorted(wanted - found.keys())
-    if missing:
-        raise SegpipeError(f"{dataset.uri}: image {missing[0]!r} is not under {dataset.images}"
-                           + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    _missing(dataset, wanted - found.keys())
     pngs = [read_bytes(join(dataset.png_dir, e.png)) if e.png else None for e in examples]
     return [(found[e.file_name], png) for e, png in zip(examples, pngs)]
+
+
+def check_images(dataset: Dataset) -> None:
+    """Images the labels list but an image folder lacks, named before any training starts (tar and
+    Parquet shards are only read by the workers, which name a missing image the same way)."""
+    shards = list_shards(dataset.images)
+    if all(shard.kind == "folder" for shard in shards):
+        _missing(dataset, {e.file_name for e in dataset.examples} - {m for s in shards for m in s.members})
+
+
+def _missing(dataset: Dataset, missing: set[str]) -> None:
+    if missing:
+        first = sorted(missing)[0]
+        raise SegpipeError(f"{dataset.uri}: image {first!r} is not under {dataset.images}"
+                           + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def decode(dataset: Dataset, example: Example, image: bytes, png: bytes | None) -> Sample:
