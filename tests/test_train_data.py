@@ -140,6 +140,13 @@ def test_a_run_without_resume_never_overwrites_one_that_exists(cli, dataset, tmp
 def test_images_missing_from_the_shards_are_named(dataset, tmp_path):
     data = load_dataset(str(dataset / "annotations" / "panoptic_val.json"), images=str(dataset / "shards"))
     assert len(read_encoded(data, list(data.examples[:3]))) == 3  # tar shards hold them too
+    check_images(data)
+    from pipeline.io.shards import write_tar_shard
+
+    write_tar_shard(str(tmp_path / "partial" / "p-0.tar"), [(e.file_name, (dataset / "val" / e.file_name).read_bytes())
+                                                            for e in data.examples[1:]])
+    with pytest.raises(SegpipeError, match=rf"image '{data.examples[0].file_name}' is not under .*partial$"):
+        check_images(load_dataset(str(dataset / "annotations" / "panoptic_val.json"), images=str(tmp_path / "partial")))
     elsewhere = tmp_path / "images"
     elsewhere.mkdir()
     (elsewhere / "other.jpg").write_bytes((dataset / "val" / data.examples[0].file_name).read_bytes())

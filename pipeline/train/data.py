@@ -158,11 +158,12 @@ def read_encoded(dataset: Dataset, examples: list[Example]) -> list[tuple[bytes,
 
 
 def check_images(dataset: Dataset) -> None:
-    """Images the labels list but an image folder lacks, named before any training starts (tar and
-    Parquet shards are only read by the workers, which name a missing image the same way)."""
-    shards = list_shards(dataset.images)
-    if all(shard.kind == "folder" for shard in shards):
-        _missing(dataset, {e.file_name for e in dataset.examples} - {m for s in shards for m in s.members})
+    """Images the labels list but the image shards lack, named on the driver before any training starts
+    (image folders are listed; tar and Parquet shards are read through once)."""
+    found: set[str] = set()
+    for shard in list_shards(dataset.images):
+        found.update(shard.members if shard.kind == "folder" else (record.key for record in read_shard(shard)))
+    _missing(dataset, {e.file_name for e in dataset.examples} - found)
 
 
 def _missing(dataset: Dataset, missing: set[str]) -> None:
