@@ -141,3 +141,21 @@ def test_data_and_checkpoints_on_s3(s3_bucket, dataset):
     assert [c["id"] for c in model.categories] == [c["id"] for c in json.loads(
         fs.cat_file(f"{s3_bucket}/data/annotations/panoptic_val.json"))["categories"]]
     assert [p["step"] for p in json.loads(fs.cat_file(f"{s3_bucket}/runs/one/metrics.json"))["history"]] == [1, 2]
+
+
+def test_an_image_that_breaks_mid_training_is_one_line_naming_it(dataset, tmp_path):
+    """A user error inside a Ray Train worker reaches the terminal as one line, without the worker's traceback."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(dataset / "val", root / "val")
+    shutil.copytree(dataset / "annotations", root / "annotations")
+    broken = sorted((root / "val").iterdir())[2]
+    broken.write_bytes(broken.read_bytes()[:500])
+    panoptic = str(root / "annotations" / "panoptic_val.json")
+    done = subprocess.run([sys.executable, "-m", "pipeline", "train", "--train", panoptic, "--val", panoptic,
+                           "--model", "segpipe_small", "--out", str(tmp_path / "out"), "--steps", "4",
+                           "--batch-size", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith(f"({broken.name}): truncated")
+    assert "Traceback" not in done.stdout + done.stderr

@@ -60,16 +60,20 @@ def learning_rate(plan: Plan, step: int) -> float:
 
 def quiet_logs() -> None:
     """Ray worker set-up hook: Ray Train's INFO lines on every report (the whole metrics dict, the
-    checkpoint path) and, without Ray's dashboard, its placement-group cleaner's warning every few
-    seconds that it cannot query actor states (it acts only after a crashed controller) are silenced."""
+    checkpoint path), its placement-group cleaner's warning every few seconds, without Ray's dashboard,
+    that it cannot query actor states (it acts only after a crashed controller), and the traceback of a
+    user error are silenced."""
     import logging
 
+    from ray.train.v2._internal import util
     from ray.train.v2._internal.execution import context, storage
     from ray.train.v2._internal.execution.controller import placement_group_cleaner
 
     for module in (context, storage):
         module.logger.setLevel(logging.WARNING)
     placement_group_cleaner.logger.setLevel(logging.ERROR)
+    # A user error (SegpipeError) reaches the driver, which prints it as one line: not its traceback too.
+    util.logger.addFilter(lambda record: "pipeline.errors.SegpipeError: " not in record.getMessage())
 
 
 def train_loop(plan: Plan) -> None:
