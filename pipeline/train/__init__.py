@@ -26,25 +26,40 @@ FORMAT_VERSION = 1
 @dataclass(frozen=True)
 class TrainConfig:
     train: str
+    """Training labels: COCO panoptic or instances JSON, or a `segpipe infer` output folder (pseudo-labels)."""
     val: str
+    """Validation labels, in the same forms."""
     model: str
     out: str
+    """Run folder (any fsspec URI): train.json, checkpoints/, model.pt, metrics.json."""
     init: str | None = None
+    """Checkpoint to start from; None: a random initialisation seeded by `seed`."""
     train_images: str | None = None
+    """Where --train's images are (default: COCO's layout, or the infer run's input)."""
     val_images: str | None = None
     workers: int = 1
+    """Ray Train workers (DDP)."""
     gpus_per_worker: float = 0
     steps: int | None = None
+    """Optimiser steps; give this or `epochs`."""
     epochs: float | None = None
     batch_size: int = 8
-    learning_rate: float | None = None  # default: the model's (Objective.learning_rate)
+    """Images per step over all workers."""
+    learning_rate: float | None = None
+    """Peak learning rate; None: the model's (Objective.learning_rate)."""
     warmup: int = 20
+    """Steps of linear warm-up."""
     seed: int = 0
-    checkpoint_every: int | None = None  # default: 5 validations per run
+    """Seeds the initialisation, the data order and the flips."""
+    checkpoint_every: int | None = None
+    """Validate and checkpoint every this many steps; None: 5 times a run."""
     log_every: int = 10
     settings: ModelSettings = ModelSettings(fusion=replace(FusionConfig(), stuff_area_threshold=64))
+    """Model build and post-processing settings; validation uses its thresholds, as infer would."""
     resume: bool = False
+    """Continue the run OUT holds from its latest checkpoint."""
     address: str | None = None
+    """Ray cluster to join; None: a local one for this run."""
 
 
 @dataclass

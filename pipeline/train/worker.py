@@ -27,17 +27,24 @@ class Plan:
 
     model: str
     settings: ModelSettings
+    """How to build the model: --init weights or a seeded random start, thresholds for validation."""
     train: Dataset
     val: Dataset
     steps: int
-    batch_size: int  # global: each of the W workers takes batch_size / W per step
+    batch_size: int
+    """Global: each of the W workers takes batch_size / W images per step."""
     learning_rate: float
+    """Peak, reached after `warmup` steps, then poly(0.9) decay to 0 at `steps`."""
     warmup: int
     seed: int
+    """Seeds the sample stream and flips (the initialisation's seed is in `settings`)."""
     checkpoint_every: int
+    """Validate and checkpoint every this many steps, and after the last."""
     log_every: int
     threads: int
-    metadata: dict = field(default_factory=dict)  # goes into every checkpoint
+    """torch threads per worker (its CPUs)."""
+    metadata: dict = field(default_factory=dict)
+    """Goes into every checkpoint's model.pt (data fingerprints, code version, run id, settings)."""
 
 
 def sample_index(plan: Plan, position: int) -> tuple[int, bool]:
@@ -98,29 +105,14 @@ def train_loop(plan: Plan) -> None:
     module = prepare_model(adapter.module, move_to_device=False)  # DDP over gloo (CPU) or nccl (GPU) when world > 1
     parameters = [p for p in adapter.module.parameters() if p.requires_grad]
     optimizer = objective.optimizer(parameters, plan.learning_rate)
-    step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            weights = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
-        adapter.module.load_state_dict(weights["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history = state["step"], weights["history"]
-        if rank == 0:
-            print(f"resumed at step {step} of {plan.steps}", flush=True)
-    per_worker = plan.batch_size // world
+    step, history = _restore(adapter, optimizer)
+    if rank == 0 and step:
+        print(f"resumed at step {step} of {plan.steps}", flush=True)
     started, logged = time.perf_counter(), step
     while step < plan.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(plan, step)
-        samples = []
-        for j in range(rank * per_worker, (rank + 1) * per_worker):
-            index, flip = sample_index(plan, step * plan.batch_size + j)
-            sample = decode(plan.train, train_examples[index], *encoded[index])
-            if flip:
-                sample.image, sample.ids = sample.image[:, ::-1], sample.ids[:, ::-1]
-            samples.append(sample)
+        samples = _batch(plan, train_examples, encoded, step, rank, world)
         loss, parts = objective.loss(module, samples)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -140,6 +132,36 @@ def train_loop(plan: Plan) -> None:
                     step=step, pq=_figure(metrics.get("pq")), ap=_figure(metrics.get("ap"))), flush=True)
             _report(adapter, optimizer, plan, step, history, metrics, rank)
             objective.train_mode()
+
+
+def _restore(adapter, optimizer) -> tuple[int, list[dict]]:
+    """Weights, optimiser state, step and validation history from the run's latest checkpoint (a resumed
+    run), or (0, []) for a fresh one."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        weights = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    adapter.module.load_state_dict(weights["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], weights["history"]
+
+
+def _batch(plan: Plan, examples: list[Example], encoded: list, step: int, rank: int, world: int) -> list[Sample]:
+    """This worker's share of step `step`'s global batch, decoded and (as the stream says) flipped."""
+    per_worker = plan.batch_size // world
+    samples = []
+    for j in range(rank * per_worker, (rank + 1) * per_worker):
+        index, flip = sample_index(plan, step * plan.batch_size + j)
+        sample = decode(plan.train, examples[index], *encoded[index])
+        if flip:
+            sample.image, sample.ids = sample.image[:, ::-1], sample.ids[:, ::-1]
+        samples.append(sample)
+    return samples
 
 
 def _figure(value: float | None) -> str:
