@@ -96,7 +96,11 @@ def read_bytes(uri: str) -> bytes:
 
 def read_json(uri: str) -> Any:
     """Parsed JSON; a missing file or malformed JSON is a SegpipeError naming the place."""
-    data = read_bytes(uri)
+    return parse_json(read_bytes(uri), uri)
+
+
+def parse_json(data: bytes, uri: str) -> Any:
+    """JSON bytes read from `uri`, parsed; malformed JSON is a SegpipeError naming the place."""
     try:
         return orjson.loads(data)  # 3-4x faster than json on COCO files; same values
     except json.JSONDecodeError as error:  # orjson's error subclasses it

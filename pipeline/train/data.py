@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from pipeline.errors import SegpipeError
 from pipeline.io.decode import ImageDecodeError, decode_image
-from pipeline.io.fs import join, read_bytes, read_json, url_to_fs
+from pipeline.io.fs import join, parse_json, read_bytes, read_json, url_to_fs
 from pipeline.io.shards import Shard, list_shards, read_shard
 from pipeline.structures import MAX_SEGMENT_ID, Rle, decode_panoptic_png
 
@@ -58,7 +58,7 @@ def load_dataset(uri: str, images: str | None = None) -> Dataset:
     if not path.endswith(".json") and fs.isdir(path):
         return _predictions(uri, images)
     data = read_bytes(uri)
-    coco = read_json(uri)
+    coco = parse_json(data, uri)
     if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")):
         raise SegpipeError(f"{uri}: not a COCO file (needs 'images', 'annotations', 'categories')")
     if not coco["categories"]:

@@ -35,7 +35,7 @@ class Objective(ABC):
 
     @abstractmethod
     def optimizer(self, parameters, learning_rate: float) -> torch.optim.Optimizer:
-        ...
+        """The optimiser the model family trains with, over `parameters` (those that require grad)."""
 
 
 class BottomUpObjective(Objective):
