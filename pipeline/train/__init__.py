@@ -151,6 +151,7 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> No
 
     import ray
     import torch
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -161,8 +162,8 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> No
         "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
         "worker_process_setup_hook": "pipeline.train.worker.quiet_logs"})
     try:
-        cpus = ray.cluster_resources().get("CPU", 0.0)
-        gpus = ray.cluster_resources().get("GPU", 0.0)
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
         if config.workers * config.gpus_per_worker > gpus:
             raise SegpipeError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker:g} needs "
                                f"{config.workers * config.gpus_per_worker:g} GPUs; the cluster has {gpus:g}")
@@ -175,7 +176,7 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> No
             plan.settings, device="cuda" if config.gpus_per_worker > 0 else "cpu"))
         fs, path = url_to_fs(out)
         storage = ({"storage_path": os.path.abspath(path)} if isinstance(fs, LocalFileSystem)
-                   else {"storage_path": path, "storage_filesystem": _arrow_fs(fs)})
+                   else {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))})
         trainer = TorchTrainer(
             _loop, train_loop_config={"plan": plan},
             scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
@@ -206,12 +207,6 @@ def _loop(config: dict) -> None:
     from pipeline.train.worker import train_loop
 
     train_loop(config["plan"])
-
-
-def _arrow_fs(fs):
-    import pyarrow.fs
-
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def _worker_error(error: Exception) -> str:
