@@ -1,10 +1,11 @@
 """`segpipe bench infer`: the inference stage's throughput against the bare model on the same batches.
 
 Efficiency = end-to-end images/s of `segpipe infer` (shards read, decoded, through the model actor,
-post-processed, written and merged; Ray's own start excluded, the actor's model load included)
+post-processed, written and merged; Ray's own start and stop excluded, the actor's model load included)
 divided by the raw model's images/s: `model.forward` alone over the same images, decoded and cut into
 the same batches beforehand, in one process with the same torch threads. Each run is a fresh process;
-the kinds alternate within each repeat so that they share the machine's noise; medians are reported.
+the kinds alternate within each repeat so that they share the machine's noise; reported: the ratio of the
+medians, and the median of each repeat's ratio (paired).
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ def pipeline(data: Path, model: str, weights: str | None, batch_size: int, actor
     shutil.rmtree(out, ignore_errors=True)
     summary = run(InferConfig(input=str(data / "shards"), out=str(out), model=model, settings=_settings(data, weights),
                               batch_size=batch_size, actors=actors, cpus_per_actor=float(threads) if actors == 1 else None))
-    seconds = summary.wall_s - summary.ray_start_s
+    seconds = summary.wall_s - summary.ray_s
     return {"images": summary.images, "segments": summary.segments, "seconds": seconds,
             "images_per_s": summary.images / seconds,
-            "steady_images_per_s": summary.steady_images_per_s, "ray_start_s": summary.ray_start_s,
+            "steady_images_per_s": summary.steady_images_per_s, "ray_s": summary.ray_s,
             "stage_s": summary.stage_s, "actors": summary.actors}
 
 
@@ -111,16 +112,22 @@ def run(data: Path, images: int, height: int, width: int, model: str, weights: s
         "segments_per_image": segments,
         "median_images_per_s": median,
         "efficiency": {f"pipeline-{a}": median[f"pipeline-{a}"] / median["raw"] for a in actor_counts},
+        # Each repeat's pipeline run against the raw run beside it, the median of those ratios: less
+        # sensitive to the machine's drift over the whole measurement than the ratio of the medians.
+        "efficiency_paired": {f"pipeline-{a}": statistics.median(p["images_per_s"] / r["images_per_s"]
+                                                                  for p, r in zip(runs[f"pipeline-{a}"], runs["raw"]))
+                              for a in actor_counts},
         "scaling": {f"pipeline-{a}": median[f"pipeline-{a}"] / median[f"pipeline-{actor_counts[0]}"]
                     for a in actor_counts},
         "runs": runs,
     }
     out.write_text(json.dumps(report, indent=1))
-    echo(f"{'run':14} {'images/s':>9} {'efficiency':>10} {'scaling':>8}")
+    echo(f"{'run':14} {'images/s':>9} {'efficiency':>10} {'paired':>7} {'scaling':>8}")
     echo(f"{'raw model':14} {median['raw']:9.2f}")
     for a in actor_counts:
         key = f"pipeline-{a}"
-        echo(f"{key:14} {median[key]:9.2f} {report['efficiency'][key]:10.3f} {report['scaling'][key]:8.2f}")
+        echo(f"{key:14} {median[key]:9.2f} {report['efficiency'][key]:10.3f} {report['efficiency_paired'][key]:7.3f} "
+             f"{report['scaling'][key]:8.2f}")
     return report
 
 

@@ -38,6 +38,9 @@ from pipeline.structures import ImagePrediction, encode_panoptic_png
 ACTOR_START_TIMEOUT_S = 600
 TASK_CPUS = 0.5
 """Logical CPUs of each read and post-processing task: with the model actors' share, what Ray Data may run."""
+IMAGES_PER_ROW = 64
+"""About how many images travel together through Ray Data (whole model batches): fewer, larger rows cut
+the per-row cost of Ray (a task call, a block, a wake-up of every stage), which a small model on a CPU feels."""
 FORMAT_VERSION = 1
 
 
@@ -74,8 +77,8 @@ class Summary:
     shards_resumed: int = 0
     wall_s: float = 0.0
     images_per_s: float = 0.0
-    ray_start_s: float = 0.0
-    """Part of wall_s spent starting (or joining) Ray."""
+    ray_s: float = 0.0
+    """Part of wall_s spent starting (or joining) Ray, and stopping the local Ray this run started."""
     steady_images_per_s: float = 0.0
     """Images per second between the first and the last shard commit (startup and merge left out)."""
     stage_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decode", "model", "postprocess", "write"), 0.0))
@@ -100,20 +103,40 @@ def png_name(key: str) -> str:
 
 # --- the stages that run on Ray ---------------------------------------------------------------------
 
+def images_per_row(batch_size: int) -> int:
+    """Images per Ray row: whole model batches, about IMAGES_PER_ROW images."""
+    return batch_size * max(1, IMAGES_PER_ROW // batch_size)
+
+
 def _read(row: dict, *, shards: list[Shard], batch_size: int, image_info: dict | None) -> Iterator[dict]:
-    """One shard's images, decoded, as rows of whole batches (a batch never spans two shards)."""
-    index, batch, items, images, decode_s = row["shard"], 0, [], [], 0.0
+    """One shard's images, decoded, as rows of whole batches (a batch never spans two shards); the
+    shard's last row is marked `final`, so the driver knows when the shard is complete."""
+    index, per_row, number = row["shard"], images_per_row(batch_size), 0
+    payload: dict[str, Any] = {"items": [], "images": [], "decode_s": 0.0}
 
     def emit(final: bool) -> dict:
-        payload = {"items": items, "images": images, "decode_s": decode_s}
-        return {"shard": index, "batch": batch, "final": final, "payload": pickle.dumps(payload, protocol=5)}
+        return {"shard": index, "chunk": number, "final": final, "payload": pickle.dumps(payload, protocol=5)}
 
-    for position, record in enumerate(_records(shards[index])):
+    for item, image, seconds in _decoded(shards[index], image_info):
+        if len(payload["images"]) == per_row:  # full, and the shard goes on
+            yield emit(False)
+            number, payload = number + 1, {"items": [], "images": [], "decode_s": 0.0}
+        payload["items"].append(item)
+        payload["decode_s"] += seconds
+        if image is not None:
+            payload["images"].append(image)
+    yield emit(True)
+
+
+def _decoded(shard: Shard, image_info: dict | None) -> Iterator[tuple[dict, np.ndarray | None, float]]:
+    """(item, RGB image or None when it failed, seconds spent) for each image of the shard, in order."""
+    for position, record in enumerate(_records(shard)):
         start = time.perf_counter()
         item: dict[str, Any] = {"position": position, "key": record.key}
         if record.error is not None:  # the shard itself could not be read (further)
-            items.append({**item, "error": record.error})
+            yield {**item, "error": record.error}, None, 0.0
             continue
+        image = None
         try:
             image = decode_image(record.data)
             if image_info is None:
@@ -126,15 +149,9 @@ def _read(row: dict, *, shards: list[Shard], batch_size: int, image_info: dict |
                     raise ImageDecodeError(f"is {image.shape[0]}x{image.shape[1]}, --image-info says "
                                            f"{expected[0]}x{expected[1]}")
             item["height"], item["width"] = image.shape[:2]
-            images.append(image)
         except ImageDecodeError as error:
-            item["error"] = str(error)
-        items.append(item)
-        decode_s += time.perf_counter() - start
-        if len(images) == batch_size:
-            yield emit(False)
-            batch, items, images, decode_s = batch + 1, [], [], 0.0
-    yield emit(True)
+            item["error"], image = str(error), None
+        yield item, image, time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -157,9 +174,9 @@ def _records(shard: Shard) -> Iterator[_Record]:
 
 
 class _Predictor:
-    """A model actor: builds the model once on its device, then runs `forward` on whole batches."""
+    """A model actor: builds the model once on its device, then runs `forward` on each row's batches."""
 
-    def __init__(self, model: str, settings: ModelSettings, threads: int) -> None:
+    def __init__(self, model: str, settings: ModelSettings, threads: int, batch_size: int) -> None:
         start = time.perf_counter()
         import torch
 
@@ -168,6 +185,7 @@ class _Predictor:
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray set CUDA_VISIBLE_DEVICES to our GPU
         self.model = load_model(model, replace(settings, device=device))
+        self.batch_size = batch_size
         self.actor = {"pid": os.getpid(), "node": os.uname().nodename, "device": device, "threads": threads,
                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                       "load_s": time.perf_counter() - start}
@@ -178,7 +196,8 @@ class _Predictor:
             payload = pickle.loads(data)
             start = time.perf_counter()
             images = payload.pop("images")
-            payload["raws"] = self.model.forward(images) if images else []
+            payload["raws"] = [raw for i in range(0, len(images), self.batch_size)
+                               for raw in self.model.forward(images[i:i + self.batch_size])]
             payload["model_s"] = time.perf_counter() - start
             payload["actor"] = self.actor
             payload["postprocess"] = self.model.postprocess
@@ -187,11 +206,11 @@ class _Predictor:
 
 
 def _postprocess(rows: dict[str, np.ndarray], *, png_dir: str | None) -> dict[str, np.ndarray]:
-    """One batch's raw outputs to segments (RLE), its panoptic PNGs written here; the driver gets the rest."""
-    return {**rows, "payload": np.array([_postprocess_batch(data, png_dir) for data in rows["payload"]], dtype=object)}
+    """One row's raw outputs to segments (RLE), its panoptic PNGs written here; the driver gets the rest."""
+    return {**rows, "payload": np.array([_postprocess_row(data, png_dir) for data in rows["payload"]], dtype=object)}
 
 
-def _postprocess_batch(data: bytes, png_dir: str | None) -> bytes:
+def _postprocess_row(data: bytes, png_dir: str | None) -> bytes:
     payload = pickle.loads(data)
     start = time.perf_counter()
     postprocess, raws = payload.pop("postprocess"), iter(payload.pop("raws"))
@@ -330,7 +349,7 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
 
     connect_start = time.perf_counter()
     started = connect(config.address)
-    summary.ray_start_s = time.perf_counter() - connect_start
+    summary.ray_s = time.perf_counter() - connect_start
     try:
         actor_cpus, threads = _resources(config)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # our progress lines replace Ray Data's
@@ -338,12 +357,12 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
         context = ray.data.DataContext.get_current()
         overrides = {
             "enable_progress_bars": False, "print_on_execution_start": False, "enable_auto_log_stats": False,
-            # Every row is a whole batch of images: one block each, so a batch moves on to the actor (and
-            # from it to post-processing) as soon as it is ready, not when its block fills up.
+            # Every row is one block, so a row moves on to the actor (and from it to post-processing) as
+            # soon as it is ready, not when its block fills up.
             "target_max_block_size": 1,
-            # Start every actor before the first batch: a model that cannot load fails the run at once, a
+            # Start every actor before the first row: a model that cannot load fails the run at once, a
             # pool the cluster cannot place (an autoscaler that never delivers) fails after this long instead
-            # of hanging, and the batches are spread over all actors from the start.
+            # of hanging, and the rows are spread over all actors from the start.
             "wait_for_min_actors_s": ACTOR_START_TIMEOUT_S,
         }
         saved = {name: getattr(context, name) for name in overrides}
@@ -354,10 +373,10 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
             .flat_map(_read, fn_kwargs={"shards": shards, "batch_size": config.batch_size,
                                         "image_info": _image_info(config.image_info)}, num_cpus=TASK_CPUS)
             .map_batches(_Predictor, fn_constructor_kwargs={"model": config.model, "settings": config.settings,
-                                                            "threads": threads},
+                                                            "threads": threads, "batch_size": config.batch_size},
                          batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors), num_cpus=actor_cpus,
                          num_gpus=config.gpus_per_actor or None, batch_format="numpy", zero_copy_batch=True)
-            # One batch per task: a shard commits as soon as its last batch is through, not when a bundle is.
+            # One row per task: a shard commits as soon as its last row is through, not when a bundle is.
             .map_batches(_postprocess, fn_kwargs={"png_dir": layout.png_dir if panoptic else None}, batch_size=1,
                          batch_format="numpy", num_cpus=TASK_CPUS)
         )
@@ -372,7 +391,9 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
                 setattr(context, name, value)
     finally:
         if started:
+            stop_start = time.perf_counter()
             ray.shutdown()
+            summary.ray_s += time.perf_counter() - stop_start
 
 
 def _ray_failure(error: Exception) -> str:
@@ -390,7 +411,7 @@ def _ray_failure(error: Exception) -> str:
 
 def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], layout: _Layout, panoptic: bool,
              summary: Summary, progress: Callable[[str], None], total: int) -> None:
-    """Gather each shard's batches; commit a shard as soon as all of them are in."""
+    """Gather each shard's rows; commit a shard as soon as all of them are in."""
     run_id = read_json(layout.run)["run_id"]
     pending: dict[int, dict[int, dict]] = {}
     sizes: dict[int, int] = {}
@@ -399,9 +420,9 @@ def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], lay
     first_commit: tuple[float, int] | None = None
     for row in rows:
         index, payload = int(row["shard"]), pickle.loads(row["payload"])
-        pending.setdefault(index, {})[int(row["batch"])] = payload
+        pending.setdefault(index, {})[int(row["chunk"])] = payload
         if row["final"]:
-            sizes[index] = int(row["batch"]) + 1
+            sizes[index] = int(row["chunk"]) + 1
         for stage, key in (("decode", "decode_s"), ("model", "model_s"), ("postprocess", "post_s")):
             summary.stage_s[stage] += payload.get(key, 0.0)
         if "actor" in payload:
@@ -409,8 +430,8 @@ def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], lay
             actor["images"] += sum("error" not in item for item in payload["items"])
         if sizes.get(index) == len(pending[index]):
             write_start = time.perf_counter()
-            batches = pending.pop(index)
-            items = [item for k in sorted(batches) for item in batches[k]["items"]]
+            chunks = pending.pop(index)
+            items = [item for k in sorted(chunks) for item in chunks[k]["items"]]
             _commit(layout, index, shards[index], items, run_id, config.model, panoptic)
             summary.stage_s["write"] += time.perf_counter() - write_start
             committed += 1

@@ -75,7 +75,7 @@ def test_panoptic_run_writes_parquet_coco_panoptic_and_results_that_evaluate(clu
 
 def test_two_gpu_actors_are_pinned_to_distinct_devices_and_run_on_cpu_without_cuda(cluster, dataset, tmp_path):
     summary = run(InferConfig(input=str(dataset / "val"), out=str(tmp_path / "out"), model="segpipe_small",
-                              settings=SMALL, batch_size=1, actors=2, gpus_per_actor=1, files_per_shard=3))
+                              settings=SMALL, batch_size=1, actors=2, gpus_per_actor=1, files_per_shard=1))
     assert len(summary.actors) == 2
     assert sorted(a["cuda_visible_devices"] for a in summary.actors) == ["0", "1"]
     assert {a["device"] for a in summary.actors} == {"cpu"}  # CUDA is absent here: the model falls back
@@ -237,3 +237,16 @@ def test_a_run_killed_midway_resumes_to_the_same_outputs(cluster, tmp_path, kill
 
     with pytest.raises(SegpipeError, match="holds a run with other model"):
         run(InferConfig(out=str(killed), **{**config, "model": "maskrcnn_resnet50_fpn"}))
+
+
+def test_bench_infer_measures_the_pipeline_against_the_raw_model_on_the_same_images(tmp_path):
+    from pipeline.bench_infer import run as bench
+
+    report = bench(tmp_path / "data", images=16, height=64, width=64, model="segpipe_small", weights=None,
+                   batch_size=4, threads=1, repeat=1, actor_counts=[1], out=tmp_path / "bench.json", echo=lambda line: None)
+    (pipe,), (raw,) = report["runs"]["pipeline-1"], report["runs"]["raw"]
+    assert raw["images"] == pipe["images"] == 16 and pipe["segments"] > 0
+    assert report["efficiency"]["pipeline-1"] == pytest.approx(pipe["images_per_s"] / raw["images_per_s"])
+    assert report["efficiency_paired"]["pipeline-1"] == pytest.approx(report["efficiency"]["pipeline-1"])
+    assert pipe["ray_s"] > 0 and pipe["seconds"] > 0  # Ray's own start and stop are measured, and left out
+    assert json.loads((tmp_path / "bench.json").read_text())["setup"]["images"] == 16

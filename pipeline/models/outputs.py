@@ -140,7 +140,9 @@ class BottomUpPostprocess(PanopticPostprocess):
         being the maximum of the `nms_kernel` square around it."""
         r = self.nms_kernel // 2
         padded = np.pad(heat, r, constant_values=-np.inf)
-        pooled = np.lib.stride_tricks.sliding_window_view(padded, (self.nms_kernel, self.nms_kernel)).max(axis=(2, 3))
+        window = np.lib.stride_tricks.sliding_window_view
+        rows = window(padded, self.nms_kernel, axis=0).max(axis=-1)  # a square's maximum: rows', then columns'
+        pooled = window(rows, self.nms_kernel, axis=1).max(axis=-1)
         ys, xs = np.nonzero((heat == pooled) & (heat > self.centre_threshold))
         values = heat[ys, xs]
         order = np.argsort(-values, kind="stable")[: self.top_k]
