@@ -41,6 +41,8 @@ TASK_CPUS = 0.5
 IMAGES_PER_ROW = 64
 """About how many images travel together through Ray Data (whole model batches): fewer, larger rows cut
 the per-row cost of Ray (a task call, a block, a wake-up of every stage), which a small model on a CPU feels."""
+ROW_BYTES = 64 << 20
+"""...or fewer, once a row's decoded pixels reach this (big images), but never less than one batch."""
 FORMAT_VERSION = 1
 
 
@@ -103,22 +105,25 @@ def png_name(key: str) -> str:
 
 # --- the stages that run on Ray ---------------------------------------------------------------------
 
-def images_per_row(batch_size: int) -> int:
-    """Images per Ray row: whole model batches, about IMAGES_PER_ROW images."""
-    return batch_size * max(1, IMAGES_PER_ROW // batch_size)
+def _row_full(images: list[np.ndarray], batch_size: int) -> bool:
+    """Whether a row may end here: whole batches only, about IMAGES_PER_ROW images or ROW_BYTES of pixels."""
+    count = len(images)
+    if count == 0 or count % batch_size:
+        return False
+    return count >= IMAGES_PER_ROW or sum(image.nbytes for image in images) >= ROW_BYTES
 
 
 def _read(row: dict, *, shards: list[Shard], batch_size: int, image_info: dict | None) -> Iterator[dict]:
     """One shard's images, decoded, as rows of whole batches (a batch never spans two shards); the
     shard's last row is marked `final`, so the driver knows when the shard is complete."""
-    index, per_row, number = row["shard"], images_per_row(batch_size), 0
+    index, number = row["shard"], 0
     payload: dict[str, Any] = {"items": [], "images": [], "decode_s": 0.0}
 
     def emit(final: bool) -> dict:
         return {"shard": index, "chunk": number, "final": final, "payload": pickle.dumps(payload, protocol=5)}
 
     for item, image, seconds in _decoded(shards[index], image_info):
-        if len(payload["images"]) == per_row:  # full, and the shard goes on
+        if _row_full(payload["images"], batch_size):  # and the shard goes on
             yield emit(False)
             number, payload = number + 1, {"items": [], "images": [], "decode_s": 0.0}
         payload["items"].append(item)

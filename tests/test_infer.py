@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 import struct
 import subprocess
 import sys
@@ -250,3 +251,28 @@ def test_bench_infer_measures_the_pipeline_against_the_raw_model_on_the_same_ima
     assert report["efficiency_paired"]["pipeline-1"] == pytest.approx(report["efficiency"]["pipeline-1"])
     assert pipe["ray_s"] > 0 and pipe["seconds"] > 0  # Ray's own start and stop are measured, and left out
     assert json.loads((tmp_path / "bench.json").read_text())["setup"]["images"] == 16
+
+
+def test_rows_hold_whole_batches_and_end_early_for_big_images(tmp_path, monkeypatch):
+    from pipeline import infer
+    from pipeline.io.shards import list_shards
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (64, 48), (i, 0, 0)).save(folder / f"{i:012d}.png")
+    (folder / "000000000099.png").write_bytes(b"not an image")  # sorts last: an error item in the last row
+    shards = list_shards(str(folder), 64)
+
+    def rows(batch_size: int) -> list[dict]:
+        return [{**row, "payload": pickle.loads(row["payload"])}
+                for row in infer._read({"shard": 0}, shards=shards, batch_size=batch_size, image_info=None)]
+
+    (whole,) = rows(2)  # 10 images of 2 batches each fit one row
+    assert whole["final"] and len(whole["payload"]["images"]) == 10 and len(whole["payload"]["items"]) == 11
+    monkeypatch.setattr(infer, "ROW_BYTES", 3 * 64 * 48 * 3)  # three images' pixels: a row ends at the next batch
+    cut = rows(2)
+    assert [len(r["payload"]["images"]) for r in cut] == [4, 4, 2] and [r["chunk"] for r in cut] == [0, 1, 2]
+    assert [r["final"] for r in cut] == [False, False, True]
+    items = [item for r in cut for item in r["payload"]["items"]]
+    assert [item["position"] for item in items] == list(range(11)) and "error" in items[-1]
