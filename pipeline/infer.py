@@ -141,7 +141,6 @@ def _decoded(shard: Shard, image_info: dict | None) -> Iterator[tuple[dict, np.n
         if record.error is not None:  # the shard itself could not be read (further)
             yield {**item, "error": record.error}, None, 0.0
             continue
-        image = None
         try:
             image = decode_image(record.data)
             if image_info is None:
