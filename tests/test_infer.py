@@ -75,8 +75,11 @@ def test_panoptic_run_writes_parquet_coco_panoptic_and_results_that_evaluate(clu
 
 
 def test_two_gpu_actors_are_pinned_to_distinct_devices_and_run_on_cpu_without_cuda(cluster, dataset, tmp_path):
-    summary = run(InferConfig(input=str(dataset / "val"), out=str(tmp_path / "out"), model="segpipe_small",
-                              settings=SMALL, batch_size=1, actors=2, gpus_per_actor=1, files_per_shard=1))
+    # Mask R-CNN, so that a row takes longer on an actor than the next takes to arrive: rows queue up and
+    # Ray Data hands them to the less busy actor (a model faster than the reads lets one actor take them all).
+    settings = ModelSettings(random_weights=True, min_size=96, max_size=128, score_threshold=0.3)
+    summary = run(InferConfig(input=str(dataset / "val"), out=str(tmp_path / "out"), model="maskrcnn_resnet50_fpn",
+                              settings=settings, batch_size=1, actors=2, gpus_per_actor=1, files_per_shard=1))
     assert len(summary.actors) == 2
     assert sorted(a["cuda_visible_devices"] for a in summary.actors) == ["0", "1"]
     assert {a["device"] for a in summary.actors} == {"cpu"}  # CUDA is absent here: the model falls back
