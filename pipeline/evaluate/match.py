@@ -1,0 +1,343 @@
+"""The one matcher: per-image pixel intersections between ground-truth and predicted segments, from id maps or RLE runs.
+
+Every metric starts here. A side of an image (its ground truth or its prediction) becomes a
+*labelling*: disjoint pixel intervals of the image in column-major order (COCO RLE's order), each
+carrying the index of the segment that owns it. Two labellings of an image are swept together once
+(`Overlaps`), whatever they came from: a panoptic PNG (runs of equal ids) or the COCO RLE strings of
+a table (decoded straight to runs, nothing painted). Overlapping masks (instances) are intersected
+pair by pair instead (`pair_intersections`). Metrics keep only their own union rule and statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+VOID = -1  # label of pixels no segment owns (id 0 in a panoptic PNG, or outside every mask)
+UNLISTED = -2  # label of PNG pixels whose id the JSON does not list (panopticapi: neither VOID nor a segment)
+
+
+# --- COCO compressed RLE strings to runs ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Run lengths of many COCO RLE masks, flat: mask i's runs are `lengths[offsets[i]:offsets[i + 1]]`.
+
+    Runs alternate background and foreground, background first, over the column-major pixels.
+    """
+
+    lengths: np.ndarray  # int64
+    offsets: np.ndarray  # int64, one more than there are masks
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def areas(self) -> np.ndarray:
+        """Foreground pixels of each mask."""
+        foreground = np.zeros(len(self.lengths), np.int64)
+        index = np.arange(len(self.lengths)) - np.repeat(self.offsets[:-1], np.diff(self.offsets))
+        foreground[index % 2 == 1] = self.lengths[index % 2 == 1]
+        return _segment_sums(foreground, self.offsets)
+
+    def totals(self) -> np.ndarray:
+        """Pixels each mask's runs cover (height * width for a well-formed mask)."""
+        return _segment_sums(self.lengths, self.offsets)
+
+
+def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    cumulative = np.concatenate(([0], np.cumsum(values)))
+    return cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+
+
+class RleError(ValueError):
+    """A malformed COCO RLE string; `index` says which of the batch."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index
+
+
+def decode_counts(data: np.ndarray, offsets: np.ndarray) -> Runs:
+    """Decode COCO compressed RLE strings given as one byte buffer and string offsets (Arrow's layout).
+
+    The format (pycocotools' rleToString): each run is a signed number in 6-bit groups, low bits
+    first, written as chr(48 + group); bit 5 says another group follows, bit 4 of the last group is
+    the sign; from the third run on, the number is the difference to the run two places back.
+    """
+    lengths, run_offsets, bad, reason = _decode(np.asarray(data, np.uint8), np.asarray(offsets, np.int64))
+    if bad >= 0:
+        raise RleError(int(bad), ("the counts string ends inside a run", "a character outside the RLE alphabet",
+                                  "a negative run length", "a run longer than 2^60")[reason])
+    return Runs(lengths, run_offsets)
+
+
+def decode_strings(strings: Sequence[str | bytes]) -> Runs:
+    """`decode_counts` of Python strings (a JSON file's `counts`)."""
+    encoded = [s.encode("ascii") if isinstance(s, str) else s for s in strings]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(s) for s in encoded], out=offsets[1:])
+    return decode_counts(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode(data, offsets):
+    n = len(offsets) - 1
+    lengths = np.empty(len(data), np.int64)  # every run takes at least one character
+    run_offsets = np.empty(n + 1, np.int64)
+    k = 0
+    for i in range(n):
+        run_offsets[i] = k
+        first, position, end = k, offsets[i], offsets[i + 1]
+        while position < end:
+            value, shift, more = 0, 0, True
+            while more:
+                if position >= end:
+                    return lengths[:k], run_offsets, i, 0
+                group = np.int64(data[position]) - 48
+                if group < 0 or group >= 64:
+                    return lengths[:k], run_offsets, i, 1
+                if shift > 55:
+                    return lengths[:k], run_offsets, i, 3
+                value |= (group & 0x1F) << shift
+                more = (group & 0x20) != 0
+                position += 1
+                shift += 5
+                if not more and (group & 0x10) != 0:
+                    value -= np.int64(1) << shift
+            if k - first > 2:
+                value += lengths[k - 2]
+            if value < 0:
+                return lengths[:k], run_offsets, i, 2
+            lengths[k] = value
+            k += 1
+    run_offsets[n] = k
+    return lengths[:k], run_offsets, -1, 0
+
+
+# --- labellings: disjoint labelled intervals per image --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """One side of a batch of images: image i's intervals are `[offsets[i], offsets[i + 1])`, sorted.
+
+    `label` is the segment's index in the batch's segment list, or UNLISTED; VOID pixels have no interval.
+    """
+
+    start: np.ndarray  # int64, column-major pixel index
+    end: np.ndarray
+    label: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def from_runs(cls, runs: Runs, segment_image: np.ndarray, n_images: int) -> Labelling:
+        """From each segment's RLE runs; `segment_image` (sorted) is the image of each segment.
+
+        Raises `OverlapError` naming the first image where two segments share a pixel.
+        """
+        start, end, label, counts, overlapping = _label_runs(runs.lengths, runs.offsets,
+                                                            np.asarray(segment_image, np.int64), n_images)
+        if overlapping >= 0:
+            raise OverlapError(int(overlapping))
+        offsets = np.zeros(n_images + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(start, end, label, offsets)
+
+    @classmethod
+    def from_id_maps(cls, id_maps: Sequence[np.ndarray], segment_ids: Sequence[Sequence[int]]) -> Labelling:
+        """From panoptic id maps (H x W; bits above 24, an RGBA decode's alpha, are ignored) and each
+        image's listed segment ids, in order; segment k of image i gets label (segments before i) + k."""
+        starts, ends, labels, counts = [], [], [], []
+        base = 0
+        for ids, listed in zip(id_maps, segment_ids):
+            flat = ids.T.ravel() & 0xFFFFFF  # column-major, as RLE runs
+            change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+            run_start = np.concatenate(([0], change))
+            run_end = np.concatenate((change, [flat.size]))
+            run_id = flat[run_start]
+            keep = run_id != 0
+            run_start, run_end, run_id = run_start[keep], run_end[keep], run_id[keep].astype(np.int64)
+            keys = np.asarray(listed, np.int64)
+            order = np.argsort(keys, kind="stable")
+            position = np.searchsorted(keys[order], run_id)
+            position = np.minimum(position, max(len(keys) - 1, 0))
+            found = (keys[order][position] == run_id) if len(keys) else np.zeros(len(run_id), bool)
+            label = np.where(found, base + order[position] if len(keys) else 0, UNLISTED)
+            starts.append(run_start)
+            ends.append(run_end)
+            labels.append(label)
+            counts.append(len(run_start))
+            base += len(keys)
+        offsets = np.zeros(len(counts) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(_cat(starts), _cat(ends), _cat(labels), offsets)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+class OverlapError(ValueError):
+    """Two segments of one image share pixels where a panoptic segmentation needs disjoint segments."""
+
+    def __init__(self, image: int) -> None:
+        super().__init__(f"image position {image}: segments overlap")
+        self.image = image
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_runs(lengths, run_offsets, segment_image, n_images):
+    n_segments = len(run_offsets) - 1
+    total = 0
+    for s in range(n_segments):
+        total += (run_offsets[s + 1] - run_offsets[s]) // 2
+    start = np.empty(total, np.int64)
+    end = np.empty(total, np.int64)
+    label = np.empty(total, np.int64)
+    counts = np.zeros(n_images, np.int64)
+    k = 0
+    s = 0
+    for image in range(n_images):
+        first = k
+        while s < n_segments and segment_image[s] == image:
+            position = 0
+            for r in range(run_offsets[s], run_offsets[s + 1]):
+                length = lengths[r]
+                if (r - run_offsets[s]) % 2 == 1 and length > 0:
+                    start[k] = position
+                    end[k] = position + length
+                    label[k] = s
+                    k += 1
+                position += length
+            s += 1
+        if k - first > 1:
+            order = np.argsort(start[first:k], kind="mergesort")
+            start[first:k] = start[first:k][order]
+            end[first:k] = end[first:k][order]
+            label[first:k] = label[first:k][order]
+            for j in range(first + 1, k):
+                if start[j] < end[j - 1]:
+                    return start[:k], end[:k], label[:k], counts, image
+        counts[image] = k - first
+    return start[:k], end[:k], label[:k], counts, -1
+
+
+# --- overlaps of two labellings ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Overlaps:
+    """Pixel counts of a batch's (ground-truth label, predicted label) pairs, one row per pair that meets.
+
+    Labels are segment indices in the batch (VOID or UNLISTED otherwise); rows are sorted by image,
+    then ground truth, then prediction. VOID meeting VOID is left out.
+    """
+
+    image: np.ndarray
+    gt: np.ndarray
+    pred: np.ndarray
+    pixels: np.ndarray
+
+    @classmethod
+    def of(cls, gt: Labelling, pred: Labelling) -> Overlaps:
+        """Sweep each image's two labellings together: O(intervals), no pixel is visited."""
+        return cls(*_sweep(gt.start, gt.end, gt.label, gt.offsets, pred.start, pred.end, pred.label, pred.offsets))
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep(g_start, g_end, g_label, g_offsets, p_start, p_end, p_label, p_offsets):
+    n_images = len(g_offsets) - 1
+    capacity = 2 * (len(g_start) + len(p_start)) + n_images
+    out_image = np.empty(capacity, np.int64)
+    out_gt = np.empty(capacity, np.int64)
+    out_pred = np.empty(capacity, np.int64)
+    out_pixels = np.empty(capacity, np.int64)
+    k = 0
+    big = np.iinfo(np.int64).max
+    for image in range(n_images):
+        first = k
+        i, i_end = g_offsets[image], g_offsets[image + 1]
+        j, j_end = p_offsets[image], p_offsets[image + 1]
+        position = 0
+        while i < i_end or j < j_end:
+            # The label each side has at `position`, and where that stretch ends.
+            if i < i_end and g_start[i] <= position:
+                gl, g_stop = g_label[i], g_end[i]
+            else:
+                gl, g_stop = -1, g_start[i] if i < i_end else big
+            if j < j_end and p_start[j] <= position:
+                pl, p_stop = p_label[j], p_end[j]
+            else:
+                pl, p_stop = -1, p_start[j] if j < j_end else big
+            stop = min(g_stop, p_stop)
+            if gl != -1 or pl != -1:
+                out_image[k], out_gt[k], out_pred[k], out_pixels[k] = image, gl, pl, stop - position
+                k += 1
+            position = stop
+            if i < i_end and g_end[i] <= position:
+                i += 1
+            if j < j_end and p_end[j] <= position:
+                j += 1
+        # Merge the pieces of this image into one row per (gt, pred) pair.
+        if k - first > 1:
+            span = np.int64(1) << 32
+            keys = (out_gt[first:k] + 2) * span + (out_pred[first:k] + 2)
+            order = np.argsort(keys, kind="mergesort")
+            keys = keys[order]
+            pixels = out_pixels[first:k][order]
+            m = first
+            for q in range(len(keys)):
+                if q > 0 and keys[q] == keys[q - 1]:
+                    out_pixels[m - 1] += pixels[q]
+                else:
+                    out_gt[m] = keys[q] // span - 2
+                    out_pred[m] = keys[q] % span - 2
+                    out_pixels[m] = pixels[q]
+                    out_image[m] = image
+                    m += 1
+            k = m
+    return out_image[:k], out_gt[:k], out_pred[:k], out_pixels[:k]
+
+
+# --- pairwise intersections of overlapping masks (instances) ------------------------------------
+
+
+def pair_intersections(a: Runs, b: Runs, a_index: np.ndarray, b_index: np.ndarray) -> np.ndarray:
+    """Pixels shared by masks `a[a_index[k]]` and `b[b_index[k]]`, for every pair k (masks of one size)."""
+    return _intersect_pairs(a.lengths, a.offsets, b.lengths, b.offsets,
+                            np.asarray(a_index, np.int64), np.asarray(b_index, np.int64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _intersect_pairs(a_lengths, a_offsets, b_lengths, b_offsets, a_index, b_index):
+    out = np.zeros(len(a_index), np.int64)
+    for k in range(len(a_index)):
+        # Walk both run lists at once, as pycocotools' rleIou does, counting pixels both cover.
+        ra, ra_end = a_offsets[a_index[k]], a_offsets[a_index[k] + 1]
+        rb, rb_end = b_offsets[b_index[k]], b_offsets[b_index[k] + 1]
+        ca = a_lengths[ra] if ra < ra_end else 0
+        cb = b_lengths[rb] if rb < rb_end else 0
+        va = vb = False
+        shared = 0
+        while True:
+            while ca == 0 and ra + 1 < ra_end:
+                ra += 1
+                ca = a_lengths[ra]
+                va = not va
+            while cb == 0 and rb + 1 < rb_end:
+                rb += 1
+                cb = b_lengths[rb]
+                vb = not vb
+            if ca == 0 or cb == 0:
+                break
+            c = min(ca, cb)
+            if va and vb:
+                shared += c
+            ca -= c
+            cb -= c
+        out[k] = shared
+    return out

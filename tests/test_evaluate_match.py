@@ -1,0 +1,105 @@
+"""The matcher: RLE strings to runs, labellings from id maps and RLE runs, sweeps and pair intersections."""
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from pipeline.evaluate.match import (UNLISTED, VOID, Labelling, OverlapError, Overlaps, RleError, decode_strings,
+                                     pair_intersections)
+from pipeline.structures import rle_counts
+
+SIZE = (37, 53)
+
+
+def _random_map(rng, n):
+    """An id map with up to n rectangles of random 24-bit ids painted over each other, and VOID around them."""
+    ids = np.zeros(SIZE, np.uint32)
+    chosen = rng.choice(np.arange(1, 2**24), n, replace=False)
+    for sid in chosen:
+        y, x = rng.integers(0, SIZE[0]), rng.integers(0, SIZE[1])
+        ids[max(0, y - rng.integers(1, 20)):y + rng.integers(1, 20), max(0, x - rng.integers(1, 20)):x + rng.integers(1, 20)] = sid
+    return ids, [int(s) for s in chosen if (ids == s).any()]
+
+
+def _rles(ids, listed):
+    return [mask_utils.encode(np.asfortranarray((ids == s).astype(np.uint8)))["counts"] for s in listed]
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [_random_map(rng, 9) for _ in range(25)], [_random_map(rng, 6) for _ in range(25)]
+
+
+def _brute_force(gt_maps, gt_listed, pred_maps, pred_listed):
+    """{(image, gt label, pred label): pixels} by painting label maps and counting every pixel."""
+    out, g_base, p_base = {}, 0, 0
+    for i, (g, gl, p, pl) in enumerate(zip(gt_maps, gt_listed, pred_maps, pred_listed)):
+        g_label, p_label = np.full(SIZE, VOID), np.full(SIZE, VOID)
+        g_label[g != 0] = UNLISTED
+        p_label[p != 0] = UNLISTED
+        for k, s in enumerate(gl):
+            g_label[g == s] = g_base + k
+        for k, s in enumerate(pl):
+            p_label[p == s] = p_base + k
+        pairs, counts = np.unique(np.stack([g_label.ravel(), p_label.ravel()]), axis=1, return_counts=True)
+        out.update({(i, a, b): c for (a, b), c in zip(pairs.T.tolist(), counts.tolist()) if (a, b) != (VOID, VOID)})
+        g_base, p_base = g_base + len(gl), p_base + len(pl)
+    return out
+
+
+def _as_dict(overlaps):
+    return {(i, g, p): c for i, g, p, c in zip(overlaps.image.tolist(), overlaps.gt.tolist(),
+                                                overlaps.pred.tolist(), overlaps.pixels.tolist())}
+
+
+def test_overlaps_of_id_maps_count_every_pixel_pair_unlisted_ids_apart(images):
+    (gt, pred) = images
+    gt_maps, gt_listed = [m for m, _ in gt], [s[:-1] for _, s in gt]  # the last id of each image is unlisted
+    pred_maps, pred_listed = [m for m, _ in pred], [s for _, s in pred]
+    overlaps = Overlaps.of(Labelling.from_id_maps(gt_maps, gt_listed), Labelling.from_id_maps(pred_maps, pred_listed))
+    expected = _brute_force(gt_maps, gt_listed, pred_maps, pred_listed)
+    assert any(g == UNLISTED for _, g, _ in expected)
+    assert _as_dict(overlaps) == expected
+    keys = list(zip(overlaps.image.tolist(), overlaps.gt.tolist(), overlaps.pred.tolist()))
+    assert keys == sorted(keys)
+
+
+def test_rle_runs_give_the_same_overlaps_as_the_id_maps(images):
+    (gt, pred) = images
+    strings, segment_image = [], []
+    for i, (ids, listed) in enumerate(pred):
+        strings += _rles(ids, listed)
+        segment_image += [i] * len(listed)
+    runs = decode_strings(strings)
+    assert (runs.totals() == SIZE[0] * SIZE[1]).all()
+    assert runs.areas().tolist() == [int((ids == s).sum()) for ids, listed in pred for s in listed]
+    gt_labels = Labelling.from_id_maps([m for m, _ in gt], [s for _, s in gt])
+    from_maps = Overlaps.of(gt_labels, Labelling.from_id_maps([m for m, _ in pred], [s for _, s in pred]))
+    from_runs = Overlaps.of(gt_labels, Labelling.from_runs(runs, np.asarray(segment_image), len(pred)))
+    assert _as_dict(from_runs) == _as_dict(from_maps)
+
+
+def test_decoder_equals_the_reference_on_random_masks_and_refuses_bad_strings():
+    rng = np.random.default_rng(3)
+    masks = [rng.random((23, 31)) < p for p in (0.0, 0.02, 0.5, 0.98, 1.0)]
+    strings = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode() for m in masks]
+    runs = decode_strings(strings)
+    for i, s in enumerate(strings):
+        assert runs.lengths[runs.offsets[i]:runs.offsets[i + 1]].tolist() == rle_counts(s)
+    assert runs.areas().tolist() == [int(m.sum()) for m in masks]
+    for bad, reason in (("0`", "ends inside a run"), ("0 1", "outside the RLE alphabet"), ("@", "negative")):
+        with pytest.raises(RleError, match=reason) as error:
+            decode_strings(["02", bad])
+        assert error.value.index == 1
+
+
+def test_pair_intersections_equal_decoded_masks_and_overlapping_masks_are_refused_as_a_labelling():
+    rng = np.random.default_rng(5)
+    masks = [rng.random(SIZE) < p for p in rng.random(12)]
+    runs = decode_strings([mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"] for m in masks])
+    a, b = rng.integers(0, 12, 200), rng.integers(0, 12, 200)
+    assert pair_intersections(runs, runs, a, b).tolist() == [int((masks[i] & masks[j]).sum()) for i, j in zip(a, b)]
+    with pytest.raises(OverlapError) as error:
+        Labelling.from_runs(runs, np.array([0] * 6 + [1] * 6), 2)
+    assert error.value.image == 0
