@@ -102,6 +102,27 @@ def validate(
 
 @app.command()
 @_user_errors
+def convert(
+    src: Annotated[str, typer.Argument(help="COCO instances or panoptic JSON, or a dataset table folder (any fsspec URI).")],
+    out: Annotated[str, typer.Argument(help="Dataset table folder (from COCO), or COCO JSON (from a table).")],
+    png_dir: Annotated[Optional[str], typer.Option(help="Panoptic PNG folder of SRC, or of OUT from a table (default: the JSON path without .json).")] = None,
+    images: Annotated[Optional[str], typer.Option(help="Image folder: the table records each image's URI in it.")] = None,
+    row_group_images: Annotated[int, typer.Option(min=1, help="Images per Parquet row group; a shard of images reads only its row groups.")] = 1000,
+) -> None:
+    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly.
+
+    Example: segpipe convert annotations/panoptic_val2017.json s3://bucket/val-table --images val2017
+    """
+    from pipeline import convert as convert_stage
+
+    start = time.perf_counter()
+    done = convert_stage.convert(src, out, png_dir=png_dir, images_dir=images, row_group_images=row_group_images)
+    typer.echo(f"wrote {done.out}: COCO {done.kind}, {done.images} images, {done.segments} segments "
+               f"in {time.perf_counter() - start:.1f} s")
+
+
+@app.command()
+@_user_errors
 def infer(
     input: Annotated[str, typer.Option(help="Images: a folder, tar shards or Parquet files with image bytes (any fsspec URI or glob).")],
     model: Annotated[str, typer.Option(help="Model name: segpipe_small, maskrcnn_resnet50_fpn(_v2), panoptic_maskrcnn_deeplabv3.")],

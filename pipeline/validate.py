@@ -70,13 +70,7 @@ def validate(json_uri: str, folder: str | None = None, images_folder: str | None
     `folder` is the panoptic PNG folder (default: the JSON path without `.json`). `images_folder`,
     when given, is opened to check that image sizes agree with the JSON.
     """
-    data = read_json(json_uri)
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise SegpipeError(f"{json_uri}: not a COCO file (no 'annotations' list at the top level)")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise SegpipeError(f"{json_uri}: not a COCO file (no '{key}' list at the top level)")
-    kind = _recognise(data)
+    data, kind = read_coco(json_uri)
     problems = list(_check_images(json_uri, data["images"]))
     images = {im["id"]: im for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))}
     categories, category_problems = _check_categories(json_uri, data["categories"], kind)
@@ -96,6 +90,17 @@ def validate(json_uri: str, folder: str | None = None, images_folder: str | None
         problems += _check_image_files(json_uri, images, images_folder)
         checked = f"{checked}; {images_folder}" if kind == "panoptic" else images_folder
     return Report(kind, len(data["images"]), len(data["annotations"]), problems, checked)
+
+
+def read_coco(json_uri: str) -> tuple[dict, str]:
+    """A COCO file's content and its kind, "instances" or "panoptic" (recognised from the content)."""
+    data = read_json(json_uri)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise SegpipeError(f"{json_uri}: not a COCO file (no 'annotations' list at the top level)")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise SegpipeError(f"{json_uri}: not a COCO file (no '{key}' list at the top level)")
+    return data, _recognise(data)
 
 
 def _recognise(data: dict) -> str:

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 _SCALARS = {
     "bool": pa.bool_(),
+    "uint8": pa.uint8(),
     "int32": pa.int32(),
     "int64": pa.int64(),
     "float32": pa.float32(),
@@ -17,15 +18,17 @@ _SCALARS = {
     "binary": pa.binary(),
 }
 _FIXED_LIST = re.compile(r"fixed_size_list<(\w+)>\[(\d+)\]")
+_LIST = re.compile(r"list<(.+)>")
 
 
 def _arrow_type(spec: str) -> pa.DataType:
     if spec in _SCALARS:
         return _SCALARS[spec]
-    match = _FIXED_LIST.fullmatch(spec)
-    if match is None:
-        raise ValueError(f"unknown type {spec!r} in a schema file")
-    return pa.list_(_SCALARS[match[1]], int(match[2]))
+    if match := _FIXED_LIST.fullmatch(spec):
+        return pa.list_(_SCALARS[match[1]], int(match[2]))
+    if match := _LIST.fullmatch(spec):
+        return pa.list_(_arrow_type(match[1]))
+    raise ValueError(f"unknown type {spec!r} in a schema file")
 
 
 @cache
