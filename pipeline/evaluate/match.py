@@ -11,7 +11,7 @@ pair by pair instead (`pair_intersections`). Metrics keep only their own union r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -75,6 +75,20 @@ def decode_counts(data: np.ndarray, offsets: np.ndarray) -> Runs:
     return Runs(lengths, run_offsets)
 
 
+def decode_arrow(column) -> Runs:
+    """`decode_counts` of an Arrow string column (array or chunked), straight from its buffers: no Python strings."""
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    array = array.cast(pa.large_string())  # 64-bit offsets, whatever the file stored
+    if array.null_count:
+        raise RleError(int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0]), "no mask (null RLE)")
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, np.int64, len(array) + 1, array.offset * 8)
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return decode_counts(data, offsets)
+
+
 def decode_strings(strings: Sequence[str | bytes]) -> Runs:
     """`decode_counts` of Python strings (a JSON file's `counts`)."""
     encoded = [s.encode("ascii") if isinstance(s, str) else s for s in strings]
@@ -132,6 +146,7 @@ class Labelling:
     end: np.ndarray
     label: np.ndarray
     offsets: np.ndarray
+    unlisted: dict = field(default_factory=dict)  # image position -> an id its map has and its list lacks
 
     @classmethod
     def from_runs(cls, runs: Runs, segment_image: np.ndarray, n_images: int) -> Labelling:
@@ -151,9 +166,9 @@ class Labelling:
     def from_id_maps(cls, id_maps: Sequence[np.ndarray], segment_ids: Sequence[Sequence[int]]) -> Labelling:
         """From panoptic id maps (H x W; bits above 24, an RGBA decode's alpha, are ignored) and each
         image's listed segment ids, in order; segment k of image i gets label (segments before i) + k."""
-        starts, ends, labels, counts = [], [], [], []
+        starts, ends, labels, counts, unlisted = [], [], [], [], {}
         base = 0
-        for ids, listed in zip(id_maps, segment_ids):
+        for position, (ids, listed) in enumerate(zip(id_maps, segment_ids)):
             flat = ids.T.ravel() & 0xFFFFFF  # column-major, as RLE runs
             change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
             run_start = np.concatenate(([0], change))
@@ -163,10 +178,11 @@ class Labelling:
             run_start, run_end, run_id = run_start[keep], run_end[keep], run_id[keep].astype(np.int64)
             keys = np.asarray(listed, np.int64)
             order = np.argsort(keys, kind="stable")
-            position = np.searchsorted(keys[order], run_id)
-            position = np.minimum(position, max(len(keys) - 1, 0))
-            found = (keys[order][position] == run_id) if len(keys) else np.zeros(len(run_id), bool)
-            label = np.where(found, base + order[position] if len(keys) else 0, UNLISTED)
+            slot = np.minimum(np.searchsorted(keys[order], run_id), max(len(keys) - 1, 0))
+            found = (keys[order][slot] == run_id) if len(keys) else np.zeros(len(run_id), bool)
+            label = np.where(found, base + order[slot] if len(keys) else 0, UNLISTED)
+            if not found.all():
+                unlisted[position] = int(run_id[np.argmin(found)])
             starts.append(run_start)
             ends.append(run_end)
             labels.append(label)
@@ -174,7 +190,7 @@ class Labelling:
             base += len(keys)
         offsets = np.zeros(len(counts) + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
-        return cls(_cat(starts), _cat(ends), _cat(labels), offsets)
+        return cls(_cat(starts), _cat(ends), _cat(labels), offsets, unlisted)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

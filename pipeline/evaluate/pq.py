@@ -9,17 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import SegpipeError
+from pipeline.evaluate.match import VOID, Labelling, OverlapError, Overlaps, RleError, decode_arrow
 from pipeline.evaluate.runner import without_cyclic_gc
 
-VOID = 0
-
-
-# IoU sums are kept exactly, as integers in units of 2^-1100 (every float64 IoU is a whole number
-# of those), so that adding per-image statistics in any grouping gives the same bits.
-_IOU_SCALE_BITS = 1100
+# IoU sums are kept exactly, as integers in units of 2^-53: a match has IoU in (0.5, 1], and every
+# float64 there is a whole number of those. So per-image statistics add to the same bits in any grouping.
+_IOU_SCALE_BITS = 53
 
 
 def _exact(value: float) -> int:
+    """An IoU of a match, (0.5, 1], as a whole number of 2^-53."""
     mantissa, exponent = math.frexp(value)
     return int(mantissa * (1 << 53)) << (exponent - 53 + _IOU_SCALE_BITS)
 
@@ -35,7 +34,7 @@ class PQStats:
     tp: np.ndarray
     fp: np.ndarray
     fn: np.ndarray
-    iou: np.ndarray  # Python ints, units of 2^-1100
+    iou: np.ndarray  # Python ints, units of 2^-53
 
     @classmethod
     def zeros(cls, n_categories: int) -> PQStats:
@@ -53,120 +52,174 @@ class PQStats:
         return int(self.iou[index]) / (1 << _IOU_SCALE_BITS)
 
 
-class _IdLookup:
-    """Maps 24-bit panoptic ids to small indices with one gather through a reused 2^24 table.
+@dataclass(frozen=True)
+class PanopticSide:
+    """Ground truth or prediction of a batch of images: the segments, flat in image order, and their pixels."""
 
-    Index 0: an id the JSON does not list; 1: VOID; k + 2: the k-th listed segment. Only the listed
-    entries are written and cleared again, so each image costs O(pixels + segments).
+    image: np.ndarray  # position of the segment's image in the batch, non-decreasing
+    id: np.ndarray  # segment id, for messages
+    category: np.ndarray  # index in the ground truth's category list; -1 for a category it lacks
+    crowd: np.ndarray
+    area: np.ndarray  # float64, as the file states it (panopticapi takes ground-truth areas from the JSON)
+    labelling: Labelling
+    source: str = "PNG"  # what the pixels came from, for messages: "PNG" or "table"
+
+
+def batch_stats(image_ids: Sequence, gt: PanopticSide, pred: PanopticSide, n_categories: int, where: str) -> PQStats:
+    """PQ statistics of a batch of images, exactly as panopticapi counts them, with no per-image Python.
+
+    A match is a same-category (gt, pred) pair with IoU > 0.5, where the union leaves out the
+    prediction's pixels on VOID; crowd ground truth never matches; an unmatched prediction lying more
+    than half on VOID plus the last crowd segment of its class in its image is not a false positive.
+    Ground-truth pixels whose id the JSON does not list (UNLISTED) match nothing and are not VOID.
     """
+    overlaps = Overlaps.of(gt.labelling, pred.labelling)
+    n_pred = len(pred.image)
+    on_pred = overlaps.pred >= 0
+    pred_area = np.bincount(overlaps.pred[on_pred], overlaps.pixels[on_pred], n_pred).astype(np.int64)
+    if pred.labelling.unlisted:
+        position, segment = next(iter(pred.labelling.unlisted.items()))
+        raise SegpipeError(f"{where}: image {image_ids[position]}: segment {segment} is in the PNG and not in the JSON")
+    if n_pred and not pred_area.all():
+        k = int(np.flatnonzero(pred_area == 0)[0])
+        missing = "is in the JSON and not in the PNG" if pred.source == "PNG" else "has an empty mask"
+        raise SegpipeError(f"{where}: image {image_ids[pred.image[k]]}: segment {pred.id[k]} {missing}")
+    on_void = on_pred & (overlaps.gt == VOID)
+    void = np.bincount(overlaps.pred[on_void], overlaps.pixels[on_void], n_pred).astype(np.int64)
 
-    def __init__(self) -> None:
-        self.table = np.zeros(256**3, np.int32)
+    pairs = on_pred & (overlaps.gt >= 0)
+    g, p, pixels = overlaps.gt[pairs], overlaps.pred[pairs], overlaps.pixels[pairs]
+    candidate = (gt.category[g] == pred.category[p]) & (gt.category[g] >= 0) & ~gt.crowd[g]
+    # panopticapi: union = pred area + gt area (JSON) - intersection - pred on VOID, then a float division.
+    union = ((pred_area[p] + gt.area[g]) - pixels) - void[p]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(candidate, pixels / np.where(candidate, union, 1.0), 0.0)
+    match = candidate & (iou > 0.5)
+    stats = PQStats.zeros(n_categories)
+    match_category = gt.category[g[match]]
+    stats.tp += np.bincount(match_category, minlength=n_categories)
+    units = (iou[match] * 2.0**_IOU_SCALE_BITS).astype(np.int64)  # exact: IoU in (0.5, 1]
+    high = np.bincount(match_category, units >> 26, n_categories).astype(np.int64)  # each sum < 2^53: exact
+    low = np.bincount(match_category, units & ((1 << 26) - 1), n_categories).astype(np.int64)
+    stats.iou += np.array([(int(h) << 26) + int(lo) for h, lo in zip(high, low)], object)
 
-    def index(self, ids: np.ndarray, segment_ids: Sequence[int], scale: int = 1) -> np.ndarray:
-        """The index of every pixel's id, times `scale` (so two maps combine with one add)."""
-        keys = np.asarray(segment_ids, np.int64)
-        self.table[VOID] = scale
-        self.table[keys] = np.arange(2, len(keys) + 2, dtype=np.int32) * scale
-        try:
-            return np.take(self.table, ids)  # np.take gathers about twice as fast as table[ids]
-        finally:
-            self.table[keys] = 0
-            self.table[VOID] = 0
+    gt_matched = np.zeros(len(gt.image), bool)
+    gt_matched[g[match]] = True
+    pred_matched = np.zeros(n_pred, bool)
+    pred_matched[p[match]] = True
+    missed = ~gt_matched & ~gt.crowd & (gt.category >= 0)
+    stats.fn += np.bincount(gt.category[missed], minlength=n_categories)
+
+    ignored = void + _on_last_crowd(gt, pred, g, p, pixels)
+    false_positive = ~pred_matched & (2 * ignored <= pred_area)  # panopticapi: ignored / area > 0.5 is not an FP
+    stats.fp += np.bincount(pred.category[false_positive], minlength=n_categories)
+    return stats
 
 
-_LOOKUP: _IdLookup | None = None
-
-
-def _lookup() -> _IdLookup:
-    global _LOOKUP
-    if _LOOKUP is None:  # one per process: 64 MiB, allocated lazily
-        _LOOKUP = _IdLookup()
-    return _LOOKUP
+def _on_last_crowd(gt: PanopticSide, pred: PanopticSide, g: np.ndarray, p: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Each prediction's pixels on the last crowd segment of its class in its image (panopticapi keeps a
+    dict category -> crowd segment, so a later crowd of the same class replaces an earlier one)."""
+    crowd = np.flatnonzero(gt.crowd & (gt.category >= 0))
+    n_categories = int(max(gt.category.max(initial=0), pred.category.max(initial=0))) + 1
+    key = gt.image[crowd] * n_categories + gt.category[crowd]
+    last = np.zeros(len(gt.image), bool)
+    if len(crowd):
+        reverse = crowd[::-1]
+        _, first_in_reverse = np.unique(key[::-1], return_index=True)
+        last[reverse[first_in_reverse]] = True
+    on = last[g] & (gt.category[g] == pred.category[p])
+    return np.bincount(p[on], pixels[on], len(pred.image)).astype(np.int64)
 
 
 def image_stats(image_id: object, gt_ids: np.ndarray, gt_segments: Sequence[dict], pred_ids: np.ndarray,
                 pred_segments: Sequence[dict], category_index: dict[int, int], where: str) -> PQStats:
-    """PQ statistics of one image, exactly as panopticapi counts them.
-
-    A match is a same-category (gt, pred) pair with IoU > 0.5, where the union leaves out the
-    prediction's pixels on VOID; crowd ground truth never matches; an unmatched prediction lying more
-    than half on VOID plus same-category crowd is not a false positive. Ground-truth areas come from
-    the JSON (as panopticapi takes them); prediction areas from the PNG.
-    """
+    """PQ statistics of one image from panoptic id maps and their `segments_info` (see `batch_stats`)."""
     if gt_ids.shape != pred_ids.shape:
         raise SegpipeError(f"{where}: image {image_id}: prediction is {pred_ids.shape[0]}x{pred_ids.shape[1]} "
                            f"(HxW), ground truth is {gt_ids.shape[0]}x{gt_ids.shape[1]}")
-    stats = PQStats.zeros(len(category_index))
-    n_gt, n_pred = len(gt_segments), len(pred_segments)
-    pred_keys = [s["id"] for s in pred_segments]
-    if len(set(pred_keys)) != n_pred:
-        raise SegpipeError(f"{where}: image {image_id}: duplicate segment ids in the prediction")
-    for s in pred_segments:
-        if s["category_id"] not in category_index:
-            raise SegpipeError(f"{where}: image {image_id}: segment {s['id']} has unknown category_id {s['category_id']}")
-    # Pixels come in runs where neither map changes (long, in panoptic maps): only run starts are
-    # looked up, and the run lengths are the intersection counts. Bits above 24 (an RGBA decode's
-    # alpha byte) are ignored.
-    g, p = gt_ids.ravel(), pred_ids.ravel()
-    change = np.empty(g.size, bool)
-    change[:1] = True
-    np.not_equal(g[1:], g[:-1], out=change[1:])
-    change[1:] |= p[1:] != p[:-1]
-    starts = np.flatnonzero(change)
-    lengths = np.diff(starts, append=g.size)
-    lookup = _lookup()
-    width = n_pred + 2
-    p_index = lookup.index(p[starts] & 0xFFFFFF, pred_keys)
-    joint = lookup.index(g[starts] & 0xFFFFFF, [s["id"] for s in gt_segments], scale=width)
-    joint += p_index  # (gt index) * width + (pred index)
-    counts = np.bincount(joint, weights=lengths, minlength=(n_gt + 2) * width).astype(np.int64)
-    counts = counts.reshape(n_gt + 2, width)
-    pred_area = counts.sum(axis=0)
-    if pred_area[0]:
-        stray = int(np.unique(p[starts][p_index == 0] & 0xFFFFFF)[0])
-        raise SegpipeError(f"{where}: image {image_id}: segment {stray} is in the PNG and not in the JSON")
-    missing = [pred_keys[k] for k in range(n_pred) if pred_area[k + 2] == 0]
-    if missing:
-        raise SegpipeError(f"{where}: image {image_id}: segment {missing[0]} is in the JSON and not in the PNG")
-    pred_area = pred_area[2:]
+    gt = png_side([gt_segments], [gt_ids], category_index, truth=True, where=[where], image_ids=[image_id])
+    pred = png_side([pred_segments], [pred_ids], category_index, truth=False, where=[where], image_ids=[image_id])
+    return batch_stats([image_id], gt, pred, len(category_index), where)
 
-    gt_category = np.array([category_index.get(s["category_id"], -1) for s in gt_segments], np.int64)
-    gt_crowd = np.array([s.get("iscrowd", 0) == 1 for s in gt_segments], bool)
-    gt_area = np.array([s["area"] for s in gt_segments], np.int64)
-    pred_category = np.array([category_index[s["category_id"]] for s in pred_segments], np.int64)
-    intersection = counts[2:, 2:]  # ground-truth ids the JSON does not list (row 0) never match
-    void = counts[1, 2:]
-    union = pred_area[None, :] + gt_area[:, None] - intersection - void[None, :]
-    candidate = (intersection > 0) & (gt_category[:, None] == pred_category[None, :]) & ~gt_crowd[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(candidate, intersection / np.where(candidate, union, 1), 0.0)
-    matched = candidate & (iou > 0.5)
-    rows, cols = np.nonzero(matched)
-    for row, col in zip(rows.tolist(), cols.tolist()):
-        stats.tp[gt_category[row]] += 1
-        stats.iou[gt_category[row]] += _exact(float(iou[row, col]))
-    gt_matched, pred_matched = matched.any(axis=1), matched.any(axis=0)
 
-    crowd_of_category: dict[int, int] = {}
-    for k, segment in enumerate(gt_segments):
-        if gt_matched[k]:
-            continue
-        if gt_crowd[k]:
-            crowd_of_category[segment["category_id"]] = k  # the last crowd segment of a class wins
-        elif gt_category[k] >= 0:
-            stats.fn[gt_category[k]] += 1
-    for k, segment in enumerate(pred_segments):
-        if pred_matched[k]:
-            continue
-        ignored = int(void[k])
-        crowd = crowd_of_category.get(segment["category_id"])
-        if crowd is not None:
-            ignored += int(intersection[crowd, k])
-        if ignored / pred_area[k] > 0.5:
-            continue
-        stats.fp[pred_category[k]] += 1
-    return stats
+# --- building sides from id maps (PNG) and from RLE rows (tables) -----------------------------------
+
+
+def _segment_arrays(segments_per_image: Sequence[Sequence[dict]], category_index: dict[int, int], truth: bool,
+                    where: Sequence[str], image_ids: Sequence) -> tuple[np.ndarray, ...]:
+    image, ids, category, crowd, area = [], [], [], [], []
+    for position, segments in enumerate(segments_per_image):
+        seen = set()
+        for s in segments:
+            if s["id"] in seen:
+                raise SegpipeError(f"{where[position]}: image {image_ids[position]}: duplicate segment id {s['id']}")
+            seen.add(s["id"])
+            index = category_index.get(s["category_id"], -1)
+            if index < 0 and not truth:
+                raise SegpipeError(f"{where[position]}: image {image_ids[position]}: segment {s['id']} has unknown "
+                                   f"category_id {s['category_id']}")
+            image.append(position)
+            ids.append(s["id"])
+            category.append(index)
+            crowd.append(s.get("iscrowd", 0) == 1)
+            area.append(s["area"] if truth else 0)
+    return (np.asarray(image, np.int64), np.asarray(ids, np.int64), np.asarray(category, np.int64),
+            np.asarray(crowd, bool), np.asarray(area, np.float64))
+
+
+def png_side(segments_per_image: Sequence[Sequence[dict]], id_maps, category_index: dict[int, int], truth: bool,
+             where: Sequence[str], image_ids: Sequence) -> PanopticSide:
+    """A side from `segments_info` lists and their id maps (an iterable: maps are reduced to runs one by one)."""
+    image, ids, category, crowd, area = _segment_arrays(segments_per_image, category_index, truth, where, image_ids)
+    labelling = Labelling.from_id_maps(id_maps, [[s["id"] for s in segments] for segments in segments_per_image])
+    return PanopticSide(image, ids, category, crowd, area, labelling)
+
+
+def table_side(rows, positions: np.ndarray, n_images: int, category_index: dict[int, int], truth: bool,
+               where: str, image_ids: Sequence) -> PanopticSide:
+    """A side from table rows (image_id, segment_id, category_id, iscrowd, area, rle), `positions` giving each
+    row's image in the batch; masks come straight from the RLE strings, nothing is painted."""
+    order = np.argsort(positions, kind="stable")
+    rows = rows.take(order)
+    positions = positions[order]
+    ids = rows.column("segment_id").to_numpy()
+    categories = rows.column("category_id").to_numpy()
+    category = np.array([category_index.get(int(c), -1) for c in categories], np.int64) if len(categories) else \
+        np.zeros(0, np.int64)
+    if not truth and (category < 0).any():
+        k = int(np.flatnonzero(category < 0)[0])
+        raise SegpipeError(f"{where}: image {image_ids[positions[k]]}: segment {ids[k]} has unknown category_id "
+                           f"{categories[k]}")
+    _check_unique(positions, ids, where, image_ids)
+    try:
+        runs = decode_arrow(rows.column("rle"))
+        labelling = Labelling.from_runs(runs, positions, n_images)
+    except RleError as error:
+        raise SegpipeError(f"{where}: image {image_ids[positions[error.index]]}: segment {ids[error.index]}: "
+                           f"malformed RLE ({error})") from None
+    except OverlapError as error:
+        raise SegpipeError(f"{where}: image {image_ids[error.image]}: segments overlap, so this is not a panoptic "
+                           f"segmentation (instance predictions? use `segpipe eval ap`)") from None
+    sizes = rows.column("height").to_numpy().astype(np.int64) * rows.column("width").to_numpy()
+    bad = np.flatnonzero(runs.totals() != sizes)
+    if len(bad):
+        k = int(bad[0])
+        raise SegpipeError(f"{where}: image {image_ids[positions[k]]}: segment {ids[k]}: the RLE covers "
+                           f"{runs.totals()[k]} pixels, the image has {sizes[k]}")
+    area = rows.column("area").to_numpy().astype(np.float64) if truth else np.zeros(len(ids))
+    return PanopticSide(positions, ids, category, rows.column("iscrowd").to_numpy(zero_copy_only=False).astype(bool),
+                        area, labelling, "table")
+
+
+def _check_unique(positions: np.ndarray, ids: np.ndarray, where: str, image_ids: Sequence) -> None:
+    if len(ids) < 2:
+        return
+    key = positions.astype(np.int64) << 32 | ids.astype(np.int64)
+    ordered = np.sort(key)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if len(repeated):
+        raise SegpipeError(f"{where}: image {image_ids[int(repeated[0] >> 32)]}: duplicate segment id "
+                           f"{int(repeated[0] & 0xFFFFFFFF)}")
 
 
 def summarize(stats: PQStats, categories: Sequence[dict]) -> dict:
@@ -196,109 +249,186 @@ def summarize(stats: PQStats, categories: Sequence[dict]) -> dict:
     return result
 
 
-# --- datasets: GT JSON + PNG folder against predictions as JSON + PNG folder or as Parquet ------
+def format_table(result: dict) -> str:
+    """The summary table panopticapi prints, scores in percent."""
+    lines = [f"{'':10}|    PQ     SQ     RQ     N", "-" * 38]
+    for name in ("All", "Things", "Stuff"):
+        r = result[name]
+        lines.append(f"{name:10}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f}  {r['n']:4d}")
+    return "\n".join(lines)
+
+
+# --- datasets: ground truth and predictions as COCO panoptic JSON + PNGs or as tables, in any combination ---
+
+
+@dataclass(frozen=True)
+class _PngSource:
+    """A COCO panoptic JSON's side: its `segments_info` travel in the shard, the task reads the PNGs."""
+
+    folder: str
+
+
+@dataclass(frozen=True)
+class _TableSource:
+    """A table's side: the task reads its shard's rows with a pushed-down filter."""
+
+    name: str  # a dataset table's folder (read through open_dataset_table), or a predictions table
+    files: tuple[str, ...] = ()  # the predictions table's Parquet files; () for a dataset table
+
+    def rows(self, image_ids: Sequence, columns: list[str]):
+        from pipeline.io.tables import open_dataset_table, read_rows
+
+        if self.files:
+            return read_rows(self.files, image_ids, columns)
+        return open_dataset_table(self.name).segments(image_ids, columns)
+
+    def image_ids(self) -> set:
+        """The images the table has rows of (one column read)."""
+        from pipeline.io.tables import open_dataset_table, read_columns
+
+        if not self.files:
+            return set(open_dataset_table(self.name).segments(columns=["image_id"])["image_id"].to_pylist())
+        return {i for uri in self.files for i in read_columns(uri, ["image_id"])["image_id"].to_pylist()}
 
 
 @dataclass(frozen=True)
 class _Shard:
-    """Images one task evaluates: (gt annotation, prediction annotation or None for Parquet) pairs."""
+    """Images one task evaluates, in the ground truth's order, with the JSON entries of JSON sides."""
 
-    pairs: tuple[tuple[dict, dict | None], ...]
-    gt_dir: str
-    pred_dir: str | None  # None: predictions come from the Parquet table
-    parquet: tuple[str, ...]
+    image_ids: tuple
+    gt_entries: tuple  # per image: the panoptic annotation (JSON sources) or None (tables)
+    pred_entries: tuple
+    gt: _PngSource | _TableSource
+    pred: _PngSource | _TableSource
     category_index: dict[int, int]
 
 
 @without_cyclic_gc
-def evaluate_pq(gt_json: str, pred: str, gt_dir: str | None = None, pred_dir: str | None = None,
-                workers: int = 1, address: str | None = None, shard_size: int = 50) -> dict:
-    """PQ of predictions (COCO panoptic JSON + PNGs, or the predictions Parquet) against COCO panoptic GT.
+def evaluate_pq(gt: str, pred: str, gt_dir: str | None = None, pred_dir: str | None = None, workers: int = 1,
+                address: str | None = None, shard_size: int = 100) -> dict:
+    """PQ of predictions against ground truth, each a COCO panoptic JSON (+ PNG folder) or a segpipe table.
 
-    The output depends only on the inputs: shards are fixed runs of `shard_size` images in the
-    ground truth's order, and their statistics are added in that order whatever `workers` is.
+    Ground truth: a COCO panoptic JSON or a panoptic dataset table (`segpipe convert`). Predictions: a COCO
+    panoptic JSON, the predictions table of `segpipe infer` (file or folder), or a dataset table. Tables are
+    read a shard at a time with a filter and intersected straight from their RLE runs. The statistics are
+    exact integers, so the output depends only on the inputs, never on `workers`, `address` or shards.
     """
     from pipeline.evaluate.runner import map_shards
-    from pipeline.io.fs import read_json
-    from pipeline.io.tables import parquet_files
-    from pipeline.validate import default_folder
 
-    gt = read_json(gt_json)
-    if not isinstance(gt, dict) or not all(isinstance(gt.get(k), list) for k in ("annotations", "categories", "images")):
-        raise SegpipeError(f"{gt_json}: not a COCO panoptic file (needs 'images', 'annotations', 'categories')")
-    categories = gt["categories"]
+    categories, image_ids, gt_entries, gt_source = _ground_truth(gt, gt_dir)
+    pred_entries, pred_source = _predictions(pred, pred_dir, image_ids)
     category_index = {c["id"]: i for i, c in enumerate(categories)}
-    gt_images = {a["image_id"] for a in gt["annotations"]}
-    parquet = parquet_files(pred)
-    if parquet:
-        pairs = [(a, None) for a in gt["annotations"]]
-        _check_parquet_images(parquet, gt_images)
-    else:
-        predictions = read_json(pred)
-        if not isinstance(predictions, dict) or not isinstance(predictions.get("annotations"), list):
-            raise SegpipeError(f"{pred}: not a COCO panoptic predictions file (no 'annotations' list)")
-        if not predictions["annotations"]:
-            raise SegpipeError(f"{pred}: holds no predictions")
-        by_image = {a.get("image_id"): a for a in predictions["annotations"]}
-        stray = sorted(set(by_image) - gt_images, key=str)
-        if stray:
-            raise SegpipeError(f"{pred}: prediction for image {stray[0]}, which is not in the ground truth"
-                               + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""))
-        missing = [a["image_id"] for a in gt["annotations"] if a["image_id"] not in by_image]
-        if missing:
-            raise SegpipeError(f"{pred}: no prediction for image {missing[0]}"
-                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        pairs = [(a, by_image[a["image_id"]]) for a in gt["annotations"]]
-        pred_dir = pred_dir or default_folder(pred)
-    gt_dir = gt_dir or default_folder(gt_json)
-    shards = [_Shard(tuple(pairs[i:i + shard_size]), gt_dir, None if parquet else pred_dir, tuple(parquet), category_index)
-              for i in range(0, len(pairs), shard_size)]
+    shards = [_Shard(tuple(image_ids[i:i + shard_size]), tuple(gt_entries[i:i + shard_size]),
+                     tuple(pred_entries[i:i + shard_size]), gt_source, pred_source, category_index)
+              for i in range(0, len(image_ids), shard_size)]
     total = PQStats.zeros(len(categories))
     for stats in map_shards(_evaluate_shard, shards, workers, address):
         total += stats
     return summarize(total, categories)
 
 
-def _check_parquet_images(files: list[str], gt_images: set) -> None:
-    from pipeline.io.tables import read_columns
+def _ground_truth(gt: str, gt_dir: str | None) -> tuple[list[dict], list, list, _PngSource | _TableSource]:
+    from pipeline.io.fs import read_json
+    from pipeline.io.tables import is_dataset_table, open_dataset_table
+    from pipeline.validate import default_folder
 
-    seen = set()
-    for uri in files:
-        seen.update(read_columns(uri, ["image_id"])["image_id"].to_pylist())
-    if not seen:
-        raise SegpipeError(f"{files[0]}: the predictions table is empty")
-    stray = sorted(seen - gt_images)
+    if is_dataset_table(gt):
+        table = open_dataset_table(gt)
+        if table.kind != "panoptic":
+            raise SegpipeError(f"{gt}: a table of COCO {table.kind}, not panoptic (use `segpipe eval ap`)")
+        images = table.images(columns=["image_id", "panoptic_file_name"])
+        annotated = images.filter(images.column("panoptic_file_name").is_valid())
+        ids = annotated.column("image_id").to_pylist()
+        return table.categories, ids, [None] * len(ids), _TableSource(gt)
+    data = read_json(gt)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("annotations", "categories", "images")):
+        raise SegpipeError(f"{gt}: not a COCO panoptic file (needs 'images', 'annotations', 'categories')")
+    annotations = data["annotations"]
+    return data["categories"], [a["image_id"] for a in annotations], annotations, _PngSource(gt_dir or default_folder(gt))
+
+
+def _predictions(pred: str, pred_dir: str | None, image_ids: list) -> tuple[list, _PngSource | _TableSource]:
+    from pipeline.io.fs import read_json
+    from pipeline.io.tables import is_dataset_table, parquet_files
+    from pipeline.validate import default_folder
+
+    files = () if is_dataset_table(pred) else tuple(parquet_files(pred))
+    if files or is_dataset_table(pred):
+        source = _TableSource(pred, files)
+        seen = source.image_ids()
+        if not seen:
+            raise SegpipeError(f"{pred}: the predictions table is empty")
+        _refuse_strays(seen, image_ids, pred)
+        return [None] * len(image_ids), source
+    data = read_json(pred)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise SegpipeError(f"{pred}: not a COCO panoptic predictions file (no 'annotations' list)")
+    if not data["annotations"]:
+        raise SegpipeError(f"{pred}: holds no predictions")
+    by_image = {a.get("image_id"): a for a in data["annotations"]}
+    _refuse_strays(by_image.keys(), image_ids, pred)
+    missing = [i for i in image_ids if i not in by_image]
+    if missing:
+        raise SegpipeError(f"{pred}: no prediction for image {missing[0]}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return [by_image[i] for i in image_ids], _PngSource(pred_dir or default_folder(pred))
+
+
+def _refuse_strays(seen, image_ids: list, where: str) -> None:
+    stray = sorted(set(seen) - set(image_ids), key=str)
     if stray:
-        raise SegpipeError(f"predictions table: image {stray[0]} is not in the ground truth"
+        raise SegpipeError(f"{where}: prediction for image {stray[0]}, which is not in the ground truth"
                            + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""))
 
 
 @without_cyclic_gc
 def _evaluate_shard(shard: _Shard) -> PQStats:
+    gt, gt_shapes = _read_side(shard.gt, shard, shard.gt_entries, truth=True)
+    pred, pred_shapes = _read_side(shard.pred, shard, shard.pred_entries, truth=False)
+    known = (gt_shapes[:, 0] >= 0) & (pred_shapes[:, 0] >= 0)
+    differ = np.flatnonzero(known & (gt_shapes != pred_shapes).any(axis=1))
+    if len(differ):
+        k = int(differ[0])
+        (ph, pw), (gh, gw) = pred_shapes[k], gt_shapes[k]
+        where = _where(shard.pred, shard.pred_entries[k])
+        raise SegpipeError(f"{where}: image {shard.image_ids[k]}: prediction is {ph}x{pw} (HxW), ground truth is {gh}x{gw}")
+    where = shard.pred.name if isinstance(shard.pred, _TableSource) else "predictions"
+    return batch_stats(shard.image_ids, gt, pred, len(shard.category_index), where)
+
+
+def _where(source: _PngSource | _TableSource, entry: dict | None) -> str:
     from pipeline.io.fs import join
+
+    return source.name if isinstance(source, _TableSource) else join(source.folder, entry["file_name"])
+
+
+def _read_side(source: _PngSource | _TableSource, shard: _Shard, entries: tuple, truth: bool
+               ) -> tuple[PanopticSide, np.ndarray]:
+    """One side of the shard and each image's (height, width); -1 for an image a table has no rows of."""
+    n = len(shard.image_ids)
+    shapes = np.full((n, 2), -1, np.int64)
+    if isinstance(source, _TableSource):
+        rows = source.rows(shard.image_ids, ["image_id", "segment_id", "category_id", "iscrowd", "area", "rle",
+                                             "height", "width"])
+        position = {image_id: k for k, image_id in enumerate(shard.image_ids)}
+        positions = np.array([position[i] for i in rows.column("image_id").to_pylist()], np.int64)
+        shapes[positions, 0] = rows.column("height").to_numpy()
+        shapes[positions, 1] = rows.column("width").to_numpy()
+        side = table_side(rows, positions, n, shard.category_index, truth, source.name, shard.image_ids)
+        return side, shapes
     from pipeline.structures import panoptic_words
 
-    stats = PQStats.zeros(len(shard.category_index))
-    table_predictions = _table_predictions(shard) if shard.pred_dir is None else {}
-    gt_files = _Folder(shard.gt_dir)
-    pred_files = _Folder(shard.pred_dir) if shard.pred_dir is not None else None
-    for gt_ann, pred_ann in shard.pairs:
-        gt_uri = join(shard.gt_dir, gt_ann["file_name"])
-        gt_ids = panoptic_words(gt_files.read(gt_ann["file_name"]), gt_uri)
-        if pred_files is not None:
-            pred_uri = join(shard.pred_dir, pred_ann["file_name"])
-            pred_ids = panoptic_words(pred_files.read(pred_ann["file_name"]), pred_uri)
-            pred_segments, where = pred_ann.get("segments_info", []), pred_uri
-        else:
-            prediction = table_predictions.get(gt_ann["image_id"])
-            if prediction is None:  # an image without predicted segments: all VOID
-                pred_ids, pred_segments = np.zeros_like(gt_ids), []
-            else:
-                pred_ids, pred_segments = prediction.to_panoptic()
-            where = "predictions table"
-        stats += image_stats(gt_ann["image_id"], gt_ids, gt_ann["segments_info"], pred_ids, pred_segments,
-                             shard.category_index, where)
-    return stats
+    folder = _Folder(source.folder)
+
+    def id_maps():
+        for k, entry in enumerate(entries):
+            ids = panoptic_words(folder.read(entry["file_name"]), _where(source, entry))
+            shapes[k] = ids.shape
+            yield ids
+
+    segments = [entry.get("segments_info", []) for entry in entries]
+    where = [_where(source, entry) for entry in entries]
+    return png_side(segments, id_maps(), shard.category_index, truth, where, shard.image_ids), shapes
 
 
 class _Folder:
@@ -315,20 +445,3 @@ class _Folder:
             return self.fs.cat_file(f"{self.root.rstrip('/')}/{name}")
         except FileNotFoundError:
             raise SegpipeError(f"{self.uri.rstrip('/')}/{name}: no such file") from None
-
-
-def _table_predictions(shard: _Shard) -> dict:
-    """This shard's images from the Parquet files, read with a filter so memory stays per shard."""
-    from pipeline.io.tables import read_predictions
-
-    wanted = [gt_ann["image_id"] for gt_ann, _ in shard.pairs]
-    return {p.image_id: p for p in read_predictions(shard.parquet, image_ids=wanted)}
-
-
-def format_table(result: dict) -> str:
-    """The summary table panopticapi prints, scores in percent."""
-    lines = [f"{'':10}|    PQ     SQ     RQ     N", "-" * 38]
-    for name in ("All", "Things", "Stuff"):
-        r = result[name]
-        lines.append(f"{name:10}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f}  {r['n']:4d}")
-    return "\n".join(lines)
