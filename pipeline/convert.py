@@ -143,6 +143,8 @@ def _measures(where: str, item: dict) -> dict:
         raise SegpipeError(f"{where}: 'area' is {area!r}, expected a number")
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
         raise SegpipeError(f"{where}: 'bbox' is {bbox!r}, expected 4 numbers")
+    if any(float(v) != v for v in (area, *bbox)):  # an integer past 2^53 would come back changed
+        raise SegpipeError(f"{where}: area or bbox holds an integer too large for float64")
     return {"segment_id": item["id"], "category_id": item["category_id"], "iscrowd": bool(item["iscrowd"]),
             "area": float(area), "bbox": [float(v) for v in bbox],
             "int_bits": sum(1 << bit for bit, v in enumerate([area, *bbox]) if isinstance(v, int))}
