@@ -40,9 +40,9 @@ class Rle:
     def from_coco(cls, segmentation: dict | list, height: int, width: int) -> Rle:
         """From a COCO `segmentation`: compressed RLE, uncompressed RLE or polygons."""
         if isinstance(segmentation, list):  # polygons, rasterised the way pycocotools does
-            rles = mask_utils.frPyObjects(segmentation, height, width)
-            merged = mask_utils.merge(rles) if rles else cls.from_mask(np.zeros((height, width), bool)).to_coco()
-            return cls._from_encoded(merged)
+            if not segmentation:  # no polygon: an empty mask (frPyObjects itself fails on [])
+                return cls.from_mask(np.zeros((height, width), bool))
+            return cls._from_encoded(mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)))
         if isinstance(segmentation["counts"], list):
             return cls._from_encoded(mask_utils.frPyObjects(segmentation, height, width))
         return cls._from_encoded(segmentation)
