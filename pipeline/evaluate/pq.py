@@ -294,7 +294,7 @@ def _evaluate_shard(shard: _Shard) -> PQStats:
             if prediction is None:  # an image without predicted segments: all VOID
                 pred_ids, pred_segments = np.zeros_like(gt_ids), []
             else:
-                pred_ids, pred_segments = prediction.to_panoptic()
+                pred_ids, pred_segments = _panoptic(prediction, shard.parquet)
             where = "predictions table"
         stats += image_stats(gt_ann["image_id"], gt_ids, gt_ann["segments_info"], pred_ids, pred_segments,
                              shard.category_index, where)
@@ -315,6 +315,16 @@ class _Folder:
             return self.fs.cat_file(f"{self.root.rstrip('/')}/{name}")
         except FileNotFoundError:
             raise SegpipeError(f"{self.uri.rstrip('/')}/{name}: no such file") from None
+
+
+def _panoptic(prediction, files: Sequence[str]) -> tuple[np.ndarray, list[dict]]:
+    """A table row group's id map; overlapping segments are an instance model's output, which PQ cannot score."""
+    try:
+        return prediction.to_panoptic()
+    except ValueError as error:
+        table = files[0] if len(files) == 1 else files[0].rsplit("/", 1)[0]
+        raise SegpipeError(f"{table}: {error}; the table holds instance predictions (overlapping masks): "
+                           "evaluate them with segpipe eval ap") from None
 
 
 def _table_predictions(shard: _Shard) -> dict:
