@@ -190,7 +190,7 @@ def test_segm_on_detection_only_ground_truth_is_one_line(tmp_path):
         del annotation["segmentation"]
     with pytest.raises(KeyError):
         _pycocotools(gt, _results())
-    _refused(tmp_path, gt, _results(), "instances.json: image 1: annotation 1 has no 'segmentation'",
+    _refused(tmp_path, gt, _results(), "instances.json: image 1: annotation 1: no 'segmentation'",
              "use --iou-type bbox")
     _assert_equal(tmp_path, gt, _results(), iou_type="bbox")
 
@@ -273,7 +273,7 @@ def test_missing_area_is_refused_in_one_line(tmp_path):
     with pytest.raises(KeyError):
         _pycocotools(gt, _results())
     for iou_type in ("segm", "bbox"):
-        _refused(tmp_path, gt, _results(), "instances.json: image 1: annotation 2 has no 'area'",
+        _refused(tmp_path, gt, _results(), "instances.json: image 1: annotation 2: no 'area'",
                  options=("--iou-type", iou_type))
 
 

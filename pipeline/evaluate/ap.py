@@ -353,8 +353,9 @@ def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 
             raise SegpipeError(f"{pred}: results need 'bbox' or 'segmentation'")
         if iou_type == "segm" or not box_branch:  # the masks are read (in the mask branch, for the areas)
             for position, r in enumerate(results):
-                if "segmentation" in r:
-                    _check_segmentation(r["segmentation"], f"{pred}: result {position} (image {r['image_id']})")
+                problem = _segmentation_problem(r["segmentation"]) if "segmentation" in r else None
+                if problem:
+                    raise SegpipeError(f"{pred}: result {position} (image {r['image_id']}): {problem}")
     truths_by_image: dict[int, list[dict]] = {}
     for a in gt["annotations"]:
         if a.get("category_id") in category_index:
@@ -407,29 +408,29 @@ def _check_truths(annotations: list, iou_type: str, where: str) -> None:
                            + (f" (and {len(duplicates) - 5} more)" if len(duplicates) > 5 else ""))
     needed = ("area", "bbox", "segmentation") if iou_type == "segm" else ("area", "bbox")
     for a in annotations:
-        item = f"{where}: image {a.get('image_id')}: annotation {a.get('id')}"
         missing = next((key for key in needed if key not in a), None)
         if missing == "segmentation":
-            raise SegpipeError(f"{item} has no 'segmentation' (detection-only ground truth: use --iou-type bbox)")
-        if missing is not None:  # an area from the mask, the polygon or the box would each give other numbers
-            raise SegpipeError(f"{item} has no '{missing}'")
-        if iou_type == "segm":
-            _check_segmentation(a["segmentation"], item)
+            problem = "no 'segmentation' (detection-only ground truth: use --iou-type bbox)"
+        elif missing is not None:  # an area from the mask, the polygon or the box would each give other numbers
+            problem = f"no '{missing}'"
+        else:
+            problem = _segmentation_problem(a["segmentation"]) if iou_type == "segm" else None
+        if problem:
+            raise SegpipeError(f"{where}: image {a.get('image_id')}: annotation {a.get('id')}: {problem}")
 
 
-def _check_segmentation(segmentation: object, item: str) -> None:
-    """Polygons of 3 points or more, or an RLE; [] (no polygon) is read as an empty mask.
+def _segmentation_problem(segmentation: object) -> str | None:
+    """What is wrong with a segmentation, if anything: polygons need 3 points, an RLE size and counts.
 
     pycocotools reads a first polygon of 2 points as a box and fails on 1 point, so both are refused;
-    an odd trailing coordinate it drops (frPyObjects), and so does segpipe.
+    an odd trailing coordinate it drops (frPyObjects), and so does segpipe; [] is an empty mask.
     """
     if isinstance(segmentation, dict) and {"size", "counts"} <= segmentation.keys():
-        return
+        return None
     if not (isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation)):
-        raise SegpipeError(f"{item}: 'segmentation' is neither polygons nor an RLE")
+        return "'segmentation' is neither polygons nor an RLE"
     short = next((p for p in segmentation if len(p) < 6), None)
-    if short is not None:
-        raise SegpipeError(f"{item}: a polygon has {len(short)} coordinates, fewer than 3 points")
+    return None if short is None else f"a polygon has {len(short)} coordinates, fewer than 3 points"
 
 
 def _check_sizes(images: list, where: str) -> None:
