@@ -52,6 +52,16 @@ def _results():
             _detection(2, 90, 25, 25, 5, 0.6), _detection(2, 90, 22, 5, 14, 0.5)]
 
 
+def _gt_without(key):
+    """The ground truth without `key` in any annotation, which pycocotools then fails on (KeyError)."""
+    gt = _gt()
+    for annotation in gt["annotations"]:
+        del annotation[key]
+    with pytest.raises(KeyError):
+        _pycocotools(gt, _results())
+    return gt
+
+
 def _write(tmp_path, gt, results):
     gt_path, results_path = tmp_path / "instances.json", tmp_path / "results.json"
     gt_path.write_text(json.dumps(gt))
@@ -185,11 +195,7 @@ def test_negative_image_height_is_refused_for_masks_and_scores_boxes_like_pycoco
 
 
 def test_segm_on_detection_only_ground_truth_is_one_line(tmp_path):
-    gt = _gt()
-    for annotation in gt["annotations"]:
-        del annotation["segmentation"]
-    with pytest.raises(KeyError):
-        _pycocotools(gt, _results())
+    gt = _gt_without("segmentation")
     _refused(tmp_path, gt, _results(), "instances.json: image 1: annotation 1: no 'segmentation'",
              "use --iou-type bbox")
     _assert_equal(tmp_path, gt, _results(), iou_type="bbox")
@@ -258,11 +264,7 @@ def test_box_only_results_for_segm_score_like_pycocotools(tmp_path):
 
 
 def test_missing_iscrowd_reads_as_zero(tmp_path):
-    gt = _gt()
-    for annotation in gt["annotations"]:
-        del annotation["iscrowd"]
-    with pytest.raises(KeyError):
-        _pycocotools(gt, _results())
+    gt = _gt_without("iscrowd")
     for iou_type in ("segm", "bbox"):
         _assert_equal(tmp_path, gt, _results(), reference_gt=_gt(), iou_type=iou_type)
 
