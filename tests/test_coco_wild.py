@@ -142,6 +142,14 @@ def test_empty_segmentation_reads_as_empty_mask_like_pycocotools(tmp_path):
     _assert_equal(tmp_path, gt, masks_only, reference_gt, reference_masks)
 
 
+def test_ground_truth_where_every_segmentation_is_empty_is_one_line_for_segm(tmp_path):
+    gt = _gt()
+    for annotation in gt["annotations"]:
+        annotation["segmentation"] = []  # a box dataset converted to COCO: mask AP would be 0 throughout
+    _refused(tmp_path, gt, _results(), "instances.json: no annotation has a mask", "use --iou-type bbox")
+    _assert_equal(tmp_path, gt, _results(), iou_type="bbox")
+
+
 def test_duplicate_annotation_ids_are_refused_naming_the_ids(tmp_path):
     gt = _gt()
     gt["annotations"][1]["id"] = gt["annotations"][3]["id"] = 1

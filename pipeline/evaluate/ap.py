@@ -214,7 +214,8 @@ def summarize(precision: np.ndarray, recall: np.ndarray) -> list[float]:
 # pycocotools' numbers on the file with that field written out: "segmentation": [] is an empty
 # mask, a missing iscrowd is 0, uncompressed RLE is its compressed form. Where the numbers would be
 # degenerate or the reading a guess (duplicate ids, a missing area, 1- or 2-point polygons, sizes
-# that are not positive), evaluate_ap refuses with one line naming the file and the item.
+# that are not positive, masks for segm where no annotation has one), evaluate_ap refuses with one
+# line naming the file and the item.
 
 
 def _rle(segmentation: dict | list, height: int, width: int) -> dict:
@@ -417,6 +418,9 @@ def _check_truths(annotations: list, iou_type: str, where: str) -> None:
             problem = _segmentation_problem(a["segmentation"]) if iou_type == "segm" else None
         if problem:
             raise SegpipeError(f"{where}: image {a.get('image_id')}: annotation {a.get('id')}: {problem}")
+    if iou_type == "segm" and annotations and all(a["segmentation"] == [] for a in annotations):
+        # a box dataset converted to COCO: each [] reads as an empty mask, so mask AP would be 0 throughout
+        raise SegpipeError(f"{where}: no annotation has a mask (every 'segmentation' is []): use --iou-type bbox")
 
 
 def _segmentation_problem(segmentation: object) -> str | None:
