@@ -252,6 +252,8 @@ def eval_ap(
     pred: Annotated[str, typer.Option(help="Detections: COCO results JSON, or the predictions Parquet (file or folder).")],
     iou_type: Annotated[str, typer.Option(help="segm (masks) or bbox (boxes).")] = "segm",
     out: Annotated[Optional[str], typer.Option(help="Write the results JSON here.")] = None,
+    drop_unknown_categories: Annotated[bool, typer.Option(
+        help="Leave out detections of categories the ground truth lacks (as pycocotools does) instead of refusing.")] = False,
     workers: Workers = 1,
     address: Address = None,
 ) -> None:
@@ -259,7 +261,11 @@ def eval_ap(
     from pipeline.evaluate.ap import evaluate_ap, format_table
 
     start = time.perf_counter()
-    result = evaluate_ap(gt, pred, iou_type=iou_type, workers=workers, address=address)
+    result = evaluate_ap(gt, pred, iou_type=iou_type, workers=workers, address=address,
+                         drop_unknown_categories=drop_unknown_categories)
+    if result["dropped_detections"]:
+        typer.echo(f"segpipe: dropped {result['dropped_detections']} detections of categories the ground truth lacks",
+                   err=True)
     _report(result, format_table(result), out, start)
 
 

@@ -146,8 +146,8 @@ def _check_categories(file: str, categories: list, kind: str) -> tuple[dict, lis
 
 def _image_size(images: dict, image_id: object) -> tuple[int, int] | None:
     image = images.get(image_id)
-    if image is None or not (_is_int(image.get("height")) and _is_int(image.get("width"))):
-        return None
+    if image is None or not all(_is_int(image.get(k)) and image[k] > 0 for k in ("height", "width")):
+        return None  # reported with the image; its annotations are checked without the size
     return image["height"], image["width"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -207,10 +208,22 @@ def summarize(precision: np.ndarray, recall: np.ndarray) -> list[float]:
 
 
 # --- reading COCO files the way COCO() and COCO.loadRes() read them ---------------------------
+#
+# Files from the wild: where pycocotools reads a field one way, so does segpipe. Where pycocotools
+# crashes on a field that has one obvious reading, segpipe reads it that way, which gives
+# pycocotools' numbers on the file with that field written out: "segmentation": [] is an empty
+# mask, a missing iscrowd is 0, uncompressed RLE is its compressed form. Where the numbers would be
+# degenerate or the reading a guess (duplicate ids, a missing area, 1- or 2-point polygons, sizes
+# that are not positive, masks for segm where no annotation has one), evaluate_ap refuses with one
+# line naming the file and the item.
 
 
 def _rle(segmentation: dict | list, height: int, width: int) -> dict:
-    """pycocotools RLE of a COCO segmentation, as COCO.annToRLE makes it (compressed RLE passes as is)."""
+    """pycocotools RLE of a COCO segmentation, as COCO.annToRLE makes it (compressed RLE passes as is).
+
+    Uncompressed RLE, which loadRes cannot take without a box (it measures the area with
+    maskUtils.area, compressed RLE only), is compressed first; [] is an empty mask (Rle.from_coco).
+    """
     if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str):
         return {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
     return Rle.from_coco(segmentation, height, width)._encoded()
@@ -242,6 +255,8 @@ def detection_objects(results: Sequence[dict], image: dict, category_index: dict
     and a missing segmentation becomes the box polygon; otherwise the area is the mask's.
     """
     h, w = image["height"], image["width"]
+    # evaluate_ap refused unknown categories unless asked to drop them; COCOeval never looks at them.
+    results = [r for r in results if r["category_id"] in category_index]
     key = "bbox" if box_branch else "segmentation"
     missing = next((r for r in results if key not in r), None)
     if missing is not None:
@@ -251,8 +266,8 @@ def detection_objects(results: Sequence[dict], image: dict, category_index: dict
         boxes = [r["bbox"] for r in results]
         areas = [b[2] * b[3] for b in boxes]
         if iou_type == "segm":
-            for r, (x, y, bw, bh) in zip(results, boxes):
-                segmentation = r.get("segmentation") or [[x, y, x, y + bh, x + bw, y + bh, x + bw, y]]
+            for r, (x, y, bw, bh) in zip(results, boxes):  # loadRes adds the box only where the key is missing
+                segmentation = r["segmentation"] if "segmentation" in r else [[x, y, x, y + bh, x + bw, y + bh, x + bw, y]]
                 rles.append(_rle(segmentation, h, w))
     else:
         rles = [_rle(r["segmentation"], h, w) for r in results]
@@ -282,11 +297,13 @@ class _Shard:
 
 @without_cyclic_gc
 def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 1, address: str | None = None,
-                shard_size: int = 100) -> dict:
+                shard_size: int = 100, drop_unknown_categories: bool = False) -> dict:
     """COCO AP of a results JSON or the predictions Parquet against a COCO instances file.
 
     Per-image statistics are computed in shards of `shard_size` images (in sorted image-id order)
     and reduced on the driver in that order, so the output does not depend on `workers`.
+    Detections of categories the ground truth lacks are refused, or with `drop_unknown_categories`
+    left out as COCOeval leaves them out; `dropped_detections` in the result counts them.
     """
     from pipeline.evaluate.runner import map_shards
     from pipeline.io.fs import read_json
@@ -300,17 +317,22 @@ def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 
     images = {im["id"]: im for im in gt["images"]}
     category_ids = sorted({c["id"] for c in gt["categories"]})
     category_index = {c: i for i, c in enumerate(category_ids)}
+    _check_truths(gt["annotations"], iou_type, gt_json)
+    if iou_type == "segm":
+        _check_sizes(gt["images"], gt_json)
     parquet = parquet_files(pred)
     results_by_image: dict[int, list[dict]] = {}
     if parquet:
         box_branch = True  # the table's rows carry boxes, as its COCO results export does
         from pipeline.io.tables import read_columns
 
-        seen = set()
+        seen, dropped = set(), 0
         for uri in parquet:
-            columns = read_columns(uri, ["image_id", "category_id"])
+            columns = read_columns(uri, ["image_id", "category_id", "score"])
             seen.update(columns["image_id"].to_pylist())
-            _check_categories(set(columns["category_id"].to_pylist()), category_index, uri)
+            _check_scores(columns["score"].to_numpy(), columns["image_id"].to_pylist(), uri)
+            dropped += _unknown_categories(columns["category_id"].to_pylist(), category_index, uri,
+                                           drop_unknown_categories)
         if not seen:
             raise SegpipeError(f"{parquet[0]}: the predictions table is empty")
         _check_images(seen, images, "predictions table")
@@ -325,10 +347,16 @@ def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 
                 raise SegpipeError(f"{pred}: result {position} lacks image_id, category_id or score")
             results_by_image.setdefault(r["image_id"], []).append(r)
         _check_images(set(results_by_image), images, pred)
-        _check_categories({r["category_id"] for r in results}, category_index, pred)
+        dropped = _unknown_categories([r["category_id"] for r in results], category_index, pred,
+                                      drop_unknown_categories)
         box_branch = loads_as_boxes(results)
         if not box_branch and "segmentation" not in results[0]:
             raise SegpipeError(f"{pred}: results need 'bbox' or 'segmentation'")
+        if iou_type == "segm" or not box_branch:  # the masks are read (in the mask branch, for the areas)
+            for position, r in enumerate(results):
+                problem = _segmentation_problem(r["segmentation"]) if "segmentation" in r else None
+                if problem:
+                    raise SegpipeError(f"{pred}: result {position} (image {r['image_id']}): {problem}")
     truths_by_image: dict[int, list[dict]] = {}
     for a in gt["annotations"]:
         if a.get("category_id") in category_index:
@@ -348,7 +376,8 @@ def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 
     for k, category_id in enumerate(category_ids):
         values = summarize(precision[:, :, k:k + 1], recall[:, k:k + 1])
         per_class[str(category_id)] = dict(zip(STAT_NAMES, values))
-    return {"iou_type": iou_type, "stats": summary, **dict(zip(STAT_NAMES, summary)), "per_class": per_class}
+    return {"iou_type": iou_type, "stats": summary, **dict(zip(STAT_NAMES, summary)), "per_class": per_class,
+            "dropped_detections": dropped}
 
 
 def _check_images(seen: set, images: dict, where: str) -> None:
@@ -358,10 +387,70 @@ def _check_images(seen: set, images: dict, where: str) -> None:
                            + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""))
 
 
-def _check_categories(seen: set, category_index: dict, where: str) -> None:
-    unknown = sorted(seen - category_index.keys(), key=str)
-    if unknown:
-        raise SegpipeError(f"{where}: unknown category_id {unknown[0]} (not in the ground truth's categories)")
+def _unknown_categories(category_ids: list, category_index: dict, where: str, drop: bool) -> int:
+    """How many detections have a category the ground truth lacks; refused unless `drop`.
+
+    COCOeval ignores them, but they are usually a category-list mismatch, so dropping is asked for.
+    """
+    unknown = [c for c in category_ids if c not in category_index]
+    if unknown and not drop:
+        first = sorted(set(unknown), key=str)[0]
+        raise SegpipeError(f"{where}: unknown category_id {first} (not in the ground truth's categories; "
+                           "--drop-unknown-categories leaves such detections out, as pycocotools does)")
+    return len(unknown)
+
+
+def _check_truths(annotations: list, iou_type: str, where: str) -> None:
+    """Refuse ground truth that pycocotools cannot read or reads into degenerate numbers."""
+    counts = Counter(a.get("id") for a in annotations)
+    duplicates = sorted((i for i, n in counts.items() if n > 1), key=str)
+    if duplicates:  # COCO() indexes annotations by id: pycocotools would score a mix of the duplicates
+        raise SegpipeError(f"{where}: duplicate annotation ids {', '.join(map(str, duplicates[:5]))}"
+                           + (f" (and {len(duplicates) - 5} more)" if len(duplicates) > 5 else ""))
+    needed = ("area", "bbox", "segmentation") if iou_type == "segm" else ("area", "bbox")
+    for a in annotations:
+        missing = next((key for key in needed if key not in a), None)
+        if missing == "segmentation":
+            problem = "no 'segmentation' (detection-only ground truth: use --iou-type bbox)"
+        elif missing is not None:  # an area from the mask, the polygon or the box would each give other numbers
+            problem = f"no '{missing}'"
+        else:
+            problem = _segmentation_problem(a["segmentation"]) if iou_type == "segm" else None
+        if problem:
+            raise SegpipeError(f"{where}: image {a.get('image_id')}: annotation {a.get('id')}: {problem}")
+    if iou_type == "segm" and annotations and all(a["segmentation"] == [] for a in annotations):
+        # a box dataset converted to COCO: each [] reads as an empty mask, so mask AP would be 0 throughout
+        raise SegpipeError(f"{where}: no annotation has a mask (every 'segmentation' is []): use --iou-type bbox")
+
+
+def _segmentation_problem(segmentation: object) -> str | None:
+    """What is wrong with a segmentation, if anything: polygons need 3 points, an RLE size and counts.
+
+    pycocotools reads a first polygon of 2 points as a box and fails on 1 point, so both are refused;
+    an odd trailing coordinate it drops (frPyObjects), and so does segpipe; [] is an empty mask.
+    """
+    if isinstance(segmentation, dict) and {"size", "counts"} <= segmentation.keys():
+        return None
+    if not (isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation)):
+        return "'segmentation' is neither polygons nor an RLE"
+    short = next((p for p in segmentation if len(p) < 6), None)
+    return None if short is None else f"a polygon has {len(short)} coordinates, fewer than 3 points"
+
+
+def _check_sizes(images: list, where: str) -> None:
+    """Masks need positive image sizes (pycocotools overflows on a negative one)."""
+    for image in images:
+        for key in ("height", "width"):
+            value = image.get(key)
+            if not (isinstance(value, int) and value > 0):
+                raise SegpipeError(f"{where}: image {image.get('id')}: '{key}' is {value!r}, expected a positive integer")
+
+
+def _check_scores(scores: np.ndarray, image_ids: list, where: str) -> None:
+    """A NaN score has no place in COCOeval's ranking (JSON cannot hold one; a table can)."""
+    nan = np.flatnonzero(np.isnan(scores))
+    if nan.size:
+        raise SegpipeError(f"{where}: image {image_ids[nan[0]]}: a detection's score is NaN")
 
 
 @without_cyclic_gc

@@ -104,5 +104,7 @@ def parse_json(data: bytes, uri: str) -> Any:
     try:
         return orjson.loads(data)  # 3-4x faster than json on COCO files; same values
     except json.JSONDecodeError as error:  # orjson's error subclasses it
+        # Python's json.dump writes NaN and Infinity (a score or size gone wrong); JSON has no such values.
+        nan = data[error.pos:error.pos + 9].lstrip(b"-").startswith((b"NaN", b"Infinity"))
         raise SegpipeError(f"{uri}: invalid JSON at line {error.lineno} column {error.colno}: "
-                           f"{error.msg}") from None
+                           + ("NaN or Infinity, which JSON cannot hold" if nan else error.msg)) from None
