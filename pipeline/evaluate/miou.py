@@ -99,7 +99,7 @@ def summarize(stats: ConfusionStats, classes: Sequence[str]) -> dict:
     scored = [c for c in range(n) if iou[c] is not None]
     return {
         "mIoU": _mean([iou[c] for c in scored]),
-        "fwIoU": sum(gt[c] / total * iou[c] for c in scored) if total else None,
+        "fwIoU": float(sum(gt[c] / total * iou[c] for c in scored)) if total else None,
         "aAcc": float(tp.sum() / total) if total else None,
         "mAcc": _mean([a for a in acc if a is not None]),
         "n": len(scored),
