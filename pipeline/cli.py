@@ -17,7 +17,7 @@ from pipeline.io.fs import write_json
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Label, convert and evaluate segmentation datasets at scale.")
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate predictions: panoptic quality (pq), COCO AP (ap).")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate predictions: panoptic quality (pq), COCO AP (ap), semantic mIoU (miou).")
 app.add_typer(eval_app, name="eval")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON reports, medians of fresh-process runs.")
 app.add_typer(bench_app, name="bench")
@@ -266,6 +266,31 @@ def eval_ap(
     if result["dropped_detections"]:
         typer.echo(f"segpipe: dropped {result['dropped_detections']} detections of categories the ground truth lacks",
                    err=True)
+    _report(result, format_table(result), out, start)
+
+
+@eval_app.command("miou")
+@_user_errors
+def eval_miou(
+    gt: Annotated[str, typer.Option(help="Ground truth: a folder of label PNGs (class index per pixel), or a COCO panoptic JSON.")],
+    pred: Annotated[str, typer.Option(help="Predictions: label PNGs named as the ground truth's, or a COCO panoptic JSON.")],
+    classes: Annotated[Optional[str], typer.Option(help="Label PNGs: the class list (JSON: names, or COCO categories) or the number of classes.")] = None,
+    ignore_index: Annotated[int, typer.Option(help="Label PNGs: the unlabelled value (ignored in GT, VOID in predictions).")] = 255,
+    gt_dir: Annotated[Optional[str], typer.Option(help="Panoptic: ground-truth PNG folder (default: GT without .json).")] = None,
+    pred_dir: Annotated[Optional[str], typer.Option(help="Panoptic: prediction PNG folder (default: PRED without .json).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Write the results JSON here.")] = None,
+    workers: Workers = 1,
+    address: Address = None,
+) -> None:
+    """Semantic segmentation: per-class IoU, mIoU, fwIoU, aAcc, mAcc (mmsegmentation's and detectron2's definitions).
+
+    Example: segpipe eval miou --gt ade/annotations/validation --pred out/sem --classes ade20k_classes.json
+    """
+    from pipeline.evaluate.miou import evaluate_miou, format_table
+
+    start = time.perf_counter()
+    result = evaluate_miou(gt, pred, classes=classes, ignore_index=ignore_index, gt_dir=gt_dir, pred_dir=pred_dir,
+                           workers=workers, address=address)
     _report(result, format_table(result), out, start)
 
 
