@@ -72,11 +72,11 @@ def test_rle_runs_give_the_same_overlaps_as_the_id_maps(images):
         strings += _rles(ids, listed)
         segment_image += [i] * len(listed)
     runs = decode_strings(strings)
-    assert (runs.totals() == SIZE[0] * SIZE[1]).all()
-    assert runs.areas().tolist() == [int((ids == s).sum()) for ids, listed in pred for s in listed]
+    assert (runs.totals == SIZE[0] * SIZE[1]).all()
+    assert runs.areas.tolist() == [int((ids == s).sum()) for ids, listed in pred for s in listed]
     gt_labels = Labelling.from_id_maps([m for m, _ in gt], [s for _, s in gt])
     from_maps = Overlaps.of(gt_labels, Labelling.from_id_maps([m for m, _ in pred], [s for _, s in pred]))
-    from_runs = Overlaps.of(gt_labels, Labelling.from_runs(runs, np.asarray(segment_image), len(pred)))
+    from_runs = Overlaps.of(gt_labels, Labelling.from_runs(runs, np.asarray(segment_image), np.full(len(pred), SIZE[0])))
     assert _as_dict(from_runs) == _as_dict(from_maps)
 
 
@@ -87,7 +87,7 @@ def test_decoder_equals_the_reference_on_random_masks_and_refuses_bad_strings():
     runs = decode_strings(strings)
     for i, s in enumerate(strings):
         assert runs.lengths[runs.offsets[i]:runs.offsets[i + 1]].tolist() == rle_counts(s)
-    assert runs.areas().tolist() == [int(m.sum()) for m in masks]
+    assert runs.areas.tolist() == [int(m.sum()) for m in masks]
     for bad, reason in (("0`", "ends inside a run"), ("0 1", "outside the RLE alphabet"), ("@", "negative")):
         with pytest.raises(RleError, match=reason) as error:
             decode_strings(["02", bad])
@@ -101,5 +101,5 @@ def test_pair_intersections_equal_decoded_masks_and_overlapping_masks_are_refuse
     a, b = rng.integers(0, 12, 200), rng.integers(0, 12, 200)
     assert pair_intersections(runs, runs, a, b).tolist() == [int((masks[i] & masks[j]).sum()) for i, j in zip(a, b)]
     with pytest.raises(OverlapError) as error:
-        Labelling.from_runs(runs, np.array([0] * 6 + [1] * 6), 2)
+        Labelling.from_runs(runs, np.array([0] * 6 + [1] * 6), np.full(2, SIZE[0]))
     assert error.value.image == 0

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+# The kernels are compiled with explicit signatures, so numba compiles them (or, after the first run, loads
+# them from __pycache__) when this module is imported, like any compiled extension, not in the first call.
+
 VOID = -1  # label of pixels no segment owns (id 0 in a panoptic PNG, or outside every mask)
 UNLISTED = -2  # label of PNG pixels whose id the JSON does not list (panopticapi: neither VOID nor a segment)
 
@@ -32,25 +35,11 @@ class Runs:
 
     lengths: np.ndarray  # int64
     offsets: np.ndarray  # int64, one more than there are masks
+    areas: np.ndarray  # foreground pixels of each mask
+    totals: np.ndarray  # pixels each mask's runs cover (height * width for a well-formed mask)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
-
-    def areas(self) -> np.ndarray:
-        """Foreground pixels of each mask."""
-        foreground = np.zeros(len(self.lengths), np.int64)
-        index = np.arange(len(self.lengths)) - np.repeat(self.offsets[:-1], np.diff(self.offsets))
-        foreground[index % 2 == 1] = self.lengths[index % 2 == 1]
-        return _segment_sums(foreground, self.offsets)
-
-    def totals(self) -> np.ndarray:
-        """Pixels each mask's runs cover (height * width for a well-formed mask)."""
-        return _segment_sums(self.lengths, self.offsets)
-
-
-def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    cumulative = np.concatenate(([0], np.cumsum(values)))
-    return cumulative[offsets[1:]] - cumulative[offsets[:-1]]
 
 
 class RleError(ValueError):
@@ -68,11 +57,11 @@ def decode_counts(data: np.ndarray, offsets: np.ndarray) -> Runs:
     first, written as chr(48 + group); bit 5 says another group follows, bit 4 of the last group is
     the sign; from the third run on, the number is the difference to the run two places back.
     """
-    lengths, run_offsets, bad, reason = _decode(np.asarray(data, np.uint8), np.asarray(offsets, np.int64))
+    lengths, run_offsets, areas, totals, bad, reason = _decode(np.asarray(data, np.uint8), np.asarray(offsets, np.int64))
     if bad >= 0:
         raise RleError(int(bad), ("the counts string ends inside a run", "a character outside the RLE alphabet",
                                   "a negative run length", "a run longer than 2^60")[reason])
-    return Runs(lengths, run_offsets)
+    return Runs(lengths, run_offsets, areas, totals)
 
 
 def decode_arrow(column) -> Runs:
@@ -97,11 +86,13 @@ def decode_strings(strings: Sequence[str | bytes]) -> Runs:
     return decode_counts(np.frombuffer(b"".join(encoded), np.uint8), offsets)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit("Tuple((i8[:], i8[:], i8[:], i8[:], i8, i8))(u1[:], i8[:])", cache=True, nogil=True)
 def _decode(data, offsets):
     n = len(offsets) - 1
     lengths = np.empty(len(data), np.int64)  # every run takes at least one character
     run_offsets = np.empty(n + 1, np.int64)
+    areas = np.zeros(n, np.int64)
+    totals = np.zeros(n, np.int64)
     k = 0
     for i in range(n):
         run_offsets[i] = k
@@ -110,12 +101,12 @@ def _decode(data, offsets):
             value, shift, more = 0, 0, True
             while more:
                 if position >= end:
-                    return lengths[:k], run_offsets, i, 0
+                    return lengths[:k], run_offsets, areas, totals, i, 0
                 group = np.int64(data[position]) - 48
                 if group < 0 or group >= 64:
-                    return lengths[:k], run_offsets, i, 1
+                    return lengths[:k], run_offsets, areas, totals, i, 1
                 if shift > 55:
-                    return lengths[:k], run_offsets, i, 3
+                    return lengths[:k], run_offsets, areas, totals, i, 3
                 value |= (group & 0x1F) << shift
                 more = (group & 0x20) != 0
                 position += 1
@@ -125,11 +116,14 @@ def _decode(data, offsets):
             if k - first > 2:
                 value += lengths[k - 2]
             if value < 0:
-                return lengths[:k], run_offsets, i, 2
+                return lengths[:k], run_offsets, areas, totals, i, 2
             lengths[k] = value
+            totals[i] += value
+            if (k - first) % 2 == 1:
+                areas[i] += value
             k += 1
     run_offsets[n] = k
-    return lengths[:k], run_offsets, -1, 0
+    return lengths[:k], run_offsets, areas, totals, -1, 0
 
 
 # --- labellings: disjoint labelled intervals per image --------------------------------------------
@@ -149,13 +143,16 @@ class Labelling:
     unlisted: dict = field(default_factory=dict)  # image position -> an id its map has and its list lacks
 
     @classmethod
-    def from_runs(cls, runs: Runs, segment_image: np.ndarray, n_images: int) -> Labelling:
-        """From each segment's RLE runs; `segment_image` (sorted) is the image of each segment.
+    def from_runs(cls, runs: Runs, segment_image: np.ndarray, heights: np.ndarray) -> Labelling:
+        """From each segment's RLE runs; `segment_image` (sorted) is the image of each segment, `heights`
+        each image's height (intervals are ordered by column first, in linear time).
 
         Raises `OverlapError` naming the first image where two segments share a pixel.
         """
+        n_images = len(heights)
         start, end, label, counts, overlapping = _label_runs(runs.lengths, runs.offsets,
-                                                            np.asarray(segment_image, np.int64), n_images)
+                                                            np.asarray(segment_image, np.int64),
+                                                            np.asarray(heights, np.int64))
         if overlapping >= 0:
             raise OverlapError(int(overlapping))
         offsets = np.zeros(n_images + 1, np.int64)
@@ -206,8 +203,41 @@ class OverlapError(ValueError):
 
 
 @numba.njit(cache=True, nogil=True)
-def _label_runs(lengths, run_offsets, segment_image, n_images):
-    n_segments = len(run_offsets) - 1
+def _order_by_column(start, end, label, height):
+    """Sort one image's intervals by start in place: a counting sort by column, then insertion sort within
+    each column (a column holds few intervals). False when two intervals overlap."""
+    n = len(start)
+    columns = start[n - 1] // height + 1
+    for i in range(n):
+        columns = max(columns, start[i] // height + 1)
+    bucket = np.zeros(columns + 1, np.int64)
+    for i in range(n):
+        bucket[start[i] // height + 1] += 1
+    for c in range(columns):
+        bucket[c + 1] += bucket[c]
+    order = np.empty(n, np.int64)
+    for i in range(n):
+        c = start[i] // height
+        order[bucket[c]] = i
+        bucket[c] += 1
+    s, e, lab = start[order], end[order], label[order]
+    for i in range(1, n):  # insertion sort: nearly sorted already
+        j = i
+        while j > 0 and s[j - 1] > s[j]:
+            s[j - 1], s[j] = s[j], s[j - 1]
+            e[j - 1], e[j] = e[j], e[j - 1]
+            lab[j - 1], lab[j] = lab[j], lab[j - 1]
+            j -= 1
+    for i in range(n):
+        start[i], end[i], label[i] = s[i], e[i], lab[i]
+        if i and start[i] < end[i - 1]:
+            return False
+    return True
+
+
+@numba.njit("Tuple((i8[:], i8[:], i8[:], i8[:], i8))(i8[:], i8[:], i8[:], i8[:])", cache=True, nogil=True)
+def _label_runs(lengths, run_offsets, segment_image, heights):
+    n_images, n_segments = len(heights), len(run_offsets) - 1
     total = 0
     for s in range(n_segments):
         total += (run_offsets[s + 1] - run_offsets[s]) // 2
@@ -230,15 +260,9 @@ def _label_runs(lengths, run_offsets, segment_image, n_images):
                     k += 1
                 position += length
             s += 1
-        if k - first > 1:
-            order = np.argsort(start[first:k], kind="mergesort")
-            start[first:k] = start[first:k][order]
-            end[first:k] = end[first:k][order]
-            label[first:k] = label[first:k][order]
-            for j in range(first + 1, k):
-                if start[j] < end[j - 1]:
-                    return start[:k], end[:k], label[:k], counts, image
         counts[image] = k - first
+        if k - first > 1 and not _order_by_column(start[first:k], end[first:k], label[first:k], heights[image]):
+            return start[:k], end[:k], label[:k], counts, image
     return start[:k], end[:k], label[:k], counts, -1
 
 
@@ -265,58 +289,67 @@ class Overlaps:
 
 
 @numba.njit(cache=True, nogil=True)
+def _label_range(labels):
+    """The smallest and largest segment label (VOID and UNLISTED aside); (0, -1) when there is none."""
+    first, last = np.int64(0), np.int64(-1)
+    for label in labels:
+        if label >= 0:
+            if last < first:
+                first = last = label
+            first, last = min(first, label), max(last, label)
+    return first, last
+
+
+@numba.njit(cache=True, nogil=True)
+def _slot(label, first):
+    return label + 2 - first if label >= 0 else label + 2
+
+
+@numba.njit(cache=True, nogil=True)
+def _unslot(slot, first):
+    return slot - 2 + first if slot >= 2 else slot - 2
+
+
+@numba.njit("UniTuple(i8[:], 4)(i8[:], i8[:], i8[:], i8[:], i8[:], i8[:], i8[:], i8[:])", cache=True, nogil=True)
 def _sweep(g_start, g_end, g_label, g_offsets, p_start, p_end, p_label, p_offsets):
     n_images = len(g_offsets) - 1
-    capacity = 2 * (len(g_start) + len(p_start)) + n_images
-    out_image = np.empty(capacity, np.int64)
-    out_gt = np.empty(capacity, np.int64)
-    out_pred = np.empty(capacity, np.int64)
-    out_pixels = np.empty(capacity, np.int64)
+    out = np.empty((4, len(g_start) + len(p_start) + 16), np.int64)  # rows: image, gt, pred, pixels
     k = 0
-    big = np.iinfo(np.int64).max
     for image in range(n_images):
-        first = k
-        i, i_end = g_offsets[image], g_offsets[image + 1]
-        j, j_end = p_offsets[image], p_offsets[image + 1]
-        position = 0
-        while i < i_end or j < j_end:
-            # The label each side has at `position`, and where that stretch ends.
-            if i < i_end and g_start[i] <= position:
-                gl, g_stop = g_label[i], g_end[i]
-            else:
-                gl, g_stop = -1, g_start[i] if i < i_end else big
-            if j < j_end and p_start[j] <= position:
-                pl, p_stop = p_label[j], p_end[j]
-            else:
-                pl, p_stop = -1, p_start[j] if j < j_end else big
-            stop = min(g_stop, p_stop)
-            if gl != -1 or pl != -1:
-                out_image[k], out_gt[k], out_pred[k], out_pixels[k] = image, gl, pl, stop - position
-                k += 1
-            position = stop
-            if i < i_end and g_end[i] <= position:
+        i0, i1, j0, j1 = g_offsets[image], g_offsets[image + 1], p_offsets[image], p_offsets[image + 1]
+        # Rows and columns of the image's table: 0 UNLISTED, 1 VOID, 2 + k the k-th segment from the first.
+        g_first, g_last = _label_range(g_label[i0:i1])
+        p_first, p_last = _label_range(p_label[j0:j1])
+        table = np.zeros((g_last - g_first + 3, p_last - p_first + 3), np.int64)
+        i, j = i0, j0
+        while i < i1 and j < j1:  # both lists are sorted and disjoint: a two-pointer walk
+            low, high = max(g_start[i], p_start[j]), min(g_end[i], p_end[j])
+            if low < high:
+                table[_slot(g_label[i], g_first), _slot(p_label[j], p_first)] += high - low
+            if g_end[i] < p_end[j]:
                 i += 1
-            if j < j_end and p_end[j] <= position:
+            else:
                 j += 1
-        # Merge the pieces of this image into one row per (gt, pred) pair.
-        if k - first > 1:
-            span = np.int64(1) << 32
-            keys = (out_gt[first:k] + 2) * span + (out_pred[first:k] + 2)
-            order = np.argsort(keys, kind="mergesort")
-            keys = keys[order]
-            pixels = out_pixels[first:k][order]
-            m = first
-            for q in range(len(keys)):
-                if q > 0 and keys[q] == keys[q - 1]:
-                    out_pixels[m - 1] += pixels[q]
-                else:
-                    out_gt[m] = keys[q] // span - 2
-                    out_pred[m] = keys[q] % span - 2
-                    out_pixels[m] = pixels[q]
-                    out_image[m] = image
-                    m += 1
-            k = m
-    return out_image[:k], out_gt[:k], out_pred[:k], out_pixels[:k]
+        # What a segment has beyond its overlaps with the other side's segments lies on that side's VOID.
+        for i in range(i0, i1):
+            table[_slot(g_label[i], g_first), 1] += g_end[i] - g_start[i]
+        for j in range(j0, j1):
+            table[1, _slot(p_label[j], p_first)] += p_end[j] - p_start[j]
+        for r in range(table.shape[0]):
+            for c in range(table.shape[1]):
+                if r != 1 and c != 1:
+                    table[r, 1] -= table[r, c]
+                    table[1, c] -= table[r, c]
+        if k + table.size > out.shape[1]:
+            grown = np.empty((4, 2 * (k + table.size)), np.int64)
+            grown[:, :k] = out[:, :k]
+            out = grown
+        for r in range(table.shape[0]):
+            for c in range(table.shape[1]):
+                if table[r, c]:
+                    out[0, k], out[1, k], out[2, k], out[3, k] = image, _unslot(r, g_first), _unslot(c, p_first), table[r, c]
+                    k += 1
+    return out[0, :k].copy(), out[1, :k].copy(), out[2, :k].copy(), out[3, :k].copy()
 
 
 # --- pairwise intersections of overlapping masks (instances) ------------------------------------
@@ -328,7 +361,7 @@ def pair_intersections(a: Runs, b: Runs, a_index: np.ndarray, b_index: np.ndarra
                             np.asarray(a_index, np.int64), np.asarray(b_index, np.int64))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit("i8[:](i8[:], i8[:], i8[:], i8[:], i8[:], i8[:])", cache=True, nogil=True)
 def _intersect_pairs(a_lengths, a_offsets, b_lengths, b_offsets, a_index, b_index):
     out = np.zeros(len(a_index), np.int64)
     for k in range(len(a_index)):

@@ -10,7 +10,11 @@ import numpy as np
 
 from pipeline.errors import SegpipeError
 from pipeline.evaluate.match import VOID, Labelling, OverlapError, Overlaps, RleError, decode_arrow
-from pipeline.evaluate.runner import without_cyclic_gc
+from pipeline.evaluate.runner import map_shards, without_cyclic_gc
+from pipeline.io.fs import join, read_json, url_to_fs
+from pipeline.io.tables import is_dataset_table, open_dataset_table, parquet_files, read_columns, read_rows
+from pipeline.structures import panoptic_words
+from pipeline.validate import default_folder
 
 # IoU sums are kept exactly, as integers in units of 2^-53: a match has IoU in (0.5, 1], and every
 # float64 there is a whole number of those. So per-image statistics add to the same bits in any grouping.
@@ -184,31 +188,42 @@ def table_side(rows, positions: np.ndarray, n_images: int, category_index: dict[
     positions = positions[order]
     ids = rows.column("segment_id").to_numpy()
     categories = rows.column("category_id").to_numpy()
-    category = np.array([category_index.get(int(c), -1) for c in categories], np.int64) if len(categories) else \
-        np.zeros(0, np.int64)
+    category = category_positions(categories, category_index)
     if not truth and (category < 0).any():
         k = int(np.flatnonzero(category < 0)[0])
         raise SegpipeError(f"{where}: image {image_ids[positions[k]]}: segment {ids[k]} has unknown category_id "
                            f"{categories[k]}")
     _check_unique(positions, ids, where, image_ids)
+    heights = np.ones(n_images, np.int64)
+    heights[positions] = rows.column("height").to_numpy()
     try:
         runs = decode_arrow(rows.column("rle"))
-        labelling = Labelling.from_runs(runs, positions, n_images)
+        sizes = heights[positions] * rows.column("width").to_numpy()
+        bad = np.flatnonzero(runs.totals != sizes)
+        if len(bad):
+            k = int(bad[0])
+            raise SegpipeError(f"{where}: image {image_ids[positions[k]]}: segment {ids[k]}: the RLE covers "
+                               f"{runs.totals[k]} pixels, the image has {sizes[k]}")
+        labelling = Labelling.from_runs(runs, positions, heights)
     except RleError as error:
         raise SegpipeError(f"{where}: image {image_ids[positions[error.index]]}: segment {ids[error.index]}: "
                            f"malformed RLE ({error})") from None
     except OverlapError as error:
         raise SegpipeError(f"{where}: image {image_ids[error.image]}: segments overlap, so this is not a panoptic "
                            f"segmentation (instance predictions? use `segpipe eval ap`)") from None
-    sizes = rows.column("height").to_numpy().astype(np.int64) * rows.column("width").to_numpy()
-    bad = np.flatnonzero(runs.totals() != sizes)
-    if len(bad):
-        k = int(bad[0])
-        raise SegpipeError(f"{where}: image {image_ids[positions[k]]}: segment {ids[k]}: the RLE covers "
-                           f"{runs.totals()[k]} pixels, the image has {sizes[k]}")
     area = rows.column("area").to_numpy().astype(np.float64) if truth else np.zeros(len(ids))
     return PanopticSide(positions, ids, category, rows.column("iscrowd").to_numpy(zero_copy_only=False).astype(bool),
                         area, labelling, "table")
+
+
+def category_positions(category_ids: np.ndarray, category_index: dict[int, int]) -> np.ndarray:
+    """Each category id's index in the category list, -1 for an id the list lacks (vectorised lookup)."""
+    known = np.fromiter(category_index, np.int64, len(category_index))
+    order = np.argsort(known)
+    slot = np.minimum(np.searchsorted(known[order], category_ids), max(len(known) - 1, 0))
+    index = np.fromiter(category_index.values(), np.int64, len(category_index))[order]
+    found = known[order][slot] == category_ids if len(known) else np.zeros(len(category_ids), bool)
+    return np.where(found, index[slot] if len(known) else 0, -1).astype(np.int64)
 
 
 def _check_unique(positions: np.ndarray, ids: np.ndarray, where: str, image_ids: Sequence) -> None:
@@ -276,16 +291,12 @@ class _TableSource:
     files: tuple[str, ...] = ()  # the predictions table's Parquet files; () for a dataset table
 
     def rows(self, image_ids: Sequence, columns: list[str]):
-        from pipeline.io.tables import open_dataset_table, read_rows
-
         if self.files:
             return read_rows(self.files, image_ids, columns)
         return open_dataset_table(self.name).segments(image_ids, columns)
 
     def image_ids(self) -> set:
         """The images the table has rows of (one column read)."""
-        from pipeline.io.tables import open_dataset_table, read_columns
-
         if not self.files:
             return set(open_dataset_table(self.name).segments(columns=["image_id"])["image_id"].to_pylist())
         return {i for uri in self.files for i in read_columns(uri, ["image_id"])["image_id"].to_pylist()}
@@ -313,7 +324,6 @@ def evaluate_pq(gt: str, pred: str, gt_dir: str | None = None, pred_dir: str | N
     read a shard at a time with a filter and intersected straight from their RLE runs. The statistics are
     exact integers, so the output depends only on the inputs, never on `workers`, `address` or shards.
     """
-    from pipeline.evaluate.runner import map_shards
 
     categories, image_ids, gt_entries, gt_source = _ground_truth(gt, gt_dir)
     pred_entries, pred_source = _predictions(pred, pred_dir, image_ids)
@@ -328,9 +338,6 @@ def evaluate_pq(gt: str, pred: str, gt_dir: str | None = None, pred_dir: str | N
 
 
 def _ground_truth(gt: str, gt_dir: str | None) -> tuple[list[dict], list, list, _PngSource | _TableSource]:
-    from pipeline.io.fs import read_json
-    from pipeline.io.tables import is_dataset_table, open_dataset_table
-    from pipeline.validate import default_folder
 
     if is_dataset_table(gt):
         table = open_dataset_table(gt)
@@ -348,9 +355,6 @@ def _ground_truth(gt: str, gt_dir: str | None) -> tuple[list[dict], list, list, 
 
 
 def _predictions(pred: str, pred_dir: str | None, image_ids: list) -> tuple[list, _PngSource | _TableSource]:
-    from pipeline.io.fs import read_json
-    from pipeline.io.tables import is_dataset_table, parquet_files
-    from pipeline.validate import default_folder
 
     files = () if is_dataset_table(pred) else tuple(parquet_files(pred))
     if files or is_dataset_table(pred):
@@ -397,7 +401,6 @@ def _evaluate_shard(shard: _Shard) -> PQStats:
 
 
 def _where(source: _PngSource | _TableSource, entry: dict | None) -> str:
-    from pipeline.io.fs import join
 
     return source.name if isinstance(source, _TableSource) else join(source.folder, entry["file_name"])
 
@@ -416,7 +419,6 @@ def _read_side(source: _PngSource | _TableSource, shard: _Shard, entries: tuple,
         shapes[positions, 1] = rows.column("width").to_numpy()
         side = table_side(rows, positions, n, shard.category_index, truth, source.name, shard.image_ids)
         return side, shapes
-    from pipeline.structures import panoptic_words
 
     folder = _Folder(source.folder)
 
@@ -435,7 +437,6 @@ class _Folder:
     """Files of one folder, its filesystem resolved once rather than per file."""
 
     def __init__(self, uri: str) -> None:
-        from pipeline.io.fs import url_to_fs
 
         self.uri = uri
         self.fs, self.root = url_to_fs(uri)
