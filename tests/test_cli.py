@@ -7,14 +7,30 @@ from pipeline.cli import app
 COMMANDS = [["synth"], ["validate"], ["infer"], ["train"], ["eval", "pq"], ["eval", "ap"], ["eval", "miou"], ["bench", "eval"], ["bench", "infer"]]
 
 
+def _leaves(command, path=()):
+    """Every runnable command of the click tree typer builds, with its path of names."""
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from _leaves(sub, (*path, name))
+    else:
+        yield list(path), command
+
+
 def test_every_command_has_help():
+    import typer.main
+
+    leaves = dict((tuple(path), command) for path, command in _leaves(typer.main.get_command(app)))
+    assert sorted(leaves) == sorted(map(tuple, COMMANDS))  # no command is left out of this test
     runner = CliRunner()
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0 and all(name in top.stdout for name in ("synth", "validate", "infer", "eval", "bench"))
     for command in COMMANDS:
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, command
-        assert "Usage:" in result.stdout and len(result.stdout.splitlines()) > 5, command
+        # Its own usage line and the first words of its own docstring, not a parent's help.
+        assert f"Usage: root {' '.join(command)} [OPTIONS]" in result.stdout, command
+        summary = " ".join(leaves[tuple(command)].help.split()[:5])
+        assert summary and summary in " ".join(result.stdout.split()), (command, summary)
 
 
 def test_a_missing_option_is_a_usage_error_with_exit_2():

@@ -20,19 +20,43 @@ def ray_cluster():
     ray.shutdown()
 
 
+def _cocoeval(gt_json: str, results_json: str, iou_type: str) -> list[float]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(gt_json)
+    evaluator = COCOeval(gt, gt.loadRes(results_json), iou_type)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator.stats.tolist()
+
+
 def test_ray_tasks_give_the_in_process_results(ray_cluster, dataset, tmp_path):
+    from collections import Counter
+
     import numpy as np
 
     gt_panoptic = str(dataset / "annotations" / "panoptic_val.json")
     pred = str(tmp_path / "panoptic_pred.json")
     write_perturbed_panoptic(gt_panoptic, pred, seed=4)
-    assert evaluate_pq(gt_panoptic, pred, address=ray_cluster, shard_size=5) == evaluate_pq(gt_panoptic, pred)
+    in_process = evaluate_pq(gt_panoptic, pred)
+    assert evaluate_pq(gt_panoptic, pred, address=ray_cluster, shard_size=5) == in_process
+    # Not a degenerate result that any two runs would share: every non-crowd ground-truth segment (counted
+    # from the file) is matched or missed once, and the perturbation leaves some matched, some not.
+    gt = json.loads((dataset / "annotations" / "panoptic_val.json").read_text())
+    truth = Counter(s["category_id"] for a in gt["annotations"] for s in a["segments_info"] if not s["iscrowd"])
+    assert {int(c): f["tp"] + f["fn"] for c, f in in_process["per_class"].items()} == {
+        c["id"]: truth[c["id"]] for c in gt["categories"]}
+    assert 0 < in_process["All"]["pq"] < 1
     gt_instances = dataset / "annotations" / "instances_val.json"
     results = tmp_path / "results.json"
     results.write_text(json.dumps(perturb_instances(json.loads(gt_instances.read_text()), np.random.default_rng(1))))
     for iou_type in ("segm", "bbox"):
         on_ray = evaluate_ap(str(gt_instances), str(results), iou_type, address=ray_cluster, shard_size=4)
         assert on_ray == evaluate_ap(str(gt_instances), str(results), iou_type)
+        reference = _cocoeval(str(gt_instances), str(results), iou_type)
+        assert on_ray["stats"] == pytest.approx(reference, abs=1e-12) and 0 < reference[0] < 1, iou_type
 
 
 def test_user_errors_inside_ray_tasks_and_worker_processes_come_back_as_one_line(ray_cluster, tmp_path):

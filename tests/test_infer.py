@@ -6,8 +6,11 @@ import pickle
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import zlib
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,31 @@ def cluster():
     ray.shutdown()
 
 
+def _in_process(model: str, settings: ModelSettings, shards: str, batch_size: int = 4) -> list:
+    """The model's predictions for every image of the shards, made here without Ray: per shard, in batches of
+    `batch_size`, with one torch thread, as the run's actor does (so the same bits)."""
+    import torch
+
+    from pipeline.infer import image_id_for
+    from pipeline.io.decode import decode_image
+    from pipeline.io.shards import list_shards, read_shard
+    from pipeline.models import load_model
+
+    adapter, threads = load_model(model, settings), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predictions = []
+        for shard in list_shards(shards):
+            records = list(read_shard(shard))
+            for i in range(0, len(records), batch_size):
+                batch = records[i:i + batch_size]
+                predictions += adapter.predict([decode_image(r.data) for r in batch],
+                                               [image_id_for(r.key) for r in batch], [r.key for r in batch])
+        return predictions
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and not p.name.startswith(".") and p.name != "summary.json"}
@@ -42,9 +70,13 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_panoptic_run_writes_parquet_coco_panoptic_and_results_that_evaluate(cluster, dataset, tmp_path):
     import duckdb
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
 
     from pipeline.evaluate.ap import evaluate_ap
     from pipeline.evaluate.pq import evaluate_pq
+    from pipeline.io.tables import parquet_files, read_predictions
+    from pipeline.structures import decode_panoptic_png
     from pipeline.validate import validate
 
     out = tmp_path / "out"
@@ -61,15 +93,30 @@ def test_panoptic_run_writes_parquet_coco_panoptic_and_results_that_evaluate(clu
     assert table.num_rows == summary.segments == sum(len(a["segments_info"]) for a in pan["annotations"])
     parts = str(out / "predictions" / "*.parquet")
     assert duckdb.sql(f"select count(*), count(distinct image_id) from '{parts}'").fetchall() == [(summary.segments, 12)]
+    # What the model gives for the same images without Ray, segment for segment, and PNG for PNG.
+    expected = _in_process("segpipe_small", SMALL, str(dataset / "shards"))
+    assert read_predictions(parquet_files(str(out / "predictions"))) == expected and summary.segments > 12
+    for prediction in expected:
+        png = (out / "panoptic_pred" / f"{prediction.image_id:012d}.png").read_bytes()
+        np.testing.assert_array_equal(decode_panoptic_png(png, "pred"), prediction.to_panoptic()[0])
     results = json.loads((out / "instances_pred_results.json").read_text())
     things = {c["id"] for c in categories(True)}
     assert results and {r["category_id"] for r in results} <= things
     assert len(results) == sum(1 for a in pan["annotations"] for s in a["segments_info"] if s["category_id"] in things)
     pq_result = evaluate_pq(str(dataset / "annotations" / "panoptic_val.json"), str(out / "panoptic_pred.json"))
-    assert 0.0 <= pq_result["All"]["pq"] <= 1.0 and pq_result["All"]["n"] == 12
+    # Every non-crowd ground-truth segment is matched or missed once: counted from the GT file, per class.
+    truth = Counter(s["category_id"] for a in gt["annotations"] for s in a["segments_info"] if not s["iscrowd"])
+    assert {int(c): f["tp"] + f["fn"] for c, f in pq_result["per_class"].items()} == {
+        c["id"]: truth[c["id"]] for c in categories()}
+    assert sum(f["tp"] + f["fp"] for f in pq_result["per_class"].values()) <= summary.segments
     assert evaluate_pq(str(dataset / "annotations" / "panoptic_val.json"), str(out / "predictions")) == pq_result
     ap_result = evaluate_ap(str(dataset / "annotations" / "instances_val.json"), str(out / "instances_pred_results.json"))
-    assert len(ap_result["stats"]) == 12
+    coco = COCO(str(dataset / "annotations" / "instances_val.json"))
+    reference = COCOeval(coco, coco.loadRes(str(out / "instances_pred_results.json")), "segm")
+    reference.evaluate()
+    reference.accumulate()
+    reference.summarize()
+    assert ap_result["stats"] == pytest.approx(reference.stats.tolist(), abs=1e-12)
     written = json.loads((out / "summary.json").read_text())
     assert written["images"] == 12 and written["outputs"]["panoptic"] == str(out / "panoptic_pred.json")
 
@@ -77,6 +124,11 @@ def test_panoptic_run_writes_parquet_coco_panoptic_and_results_that_evaluate(clu
 def test_two_gpu_actors_are_pinned_to_distinct_devices_and_run_on_cpu_without_cuda(cluster, dataset, tmp_path):
     # Mask R-CNN, so that a row takes longer on an actor than the next takes to arrive: rows queue up and
     # Ray Data hands them to the less busy actor (a model faster than the reads lets one actor take them all).
+    from ray.data import DataContext
+
+    overridden = ("enable_progress_bars", "print_on_execution_start", "enable_auto_log_stats", "target_max_block_size",
+                  "wait_for_min_actors_s")
+    before = {name: getattr(DataContext.get_current(), name) for name in overridden}
     settings = ModelSettings(random_weights=True, min_size=96, max_size=128, score_threshold=0.3)
     summary = run(InferConfig(input=str(dataset / "val"), out=str(tmp_path / "out"), model="maskrcnn_resnet50_fpn",
                               settings=settings, batch_size=1, actors=2, gpus_per_actor=1, files_per_shard=1))
@@ -84,9 +136,9 @@ def test_two_gpu_actors_are_pinned_to_distinct_devices_and_run_on_cpu_without_cu
     assert sorted(a["cuda_visible_devices"] for a in summary.actors) == ["0", "1"]
     assert {a["device"] for a in summary.actors} == {"cpu"}  # CUDA is absent here: the model falls back
     assert sum(a["images"] for a in summary.actors) == 12 and all(a["images"] > 0 for a in summary.actors)
-    from ray.data import DataContext
-
-    assert DataContext.get_current().target_max_block_size != 1  # the run's Ray Data settings were its own
+    # The run's Ray Data settings were its own: the process-wide context is as it found it.
+    assert {name: getattr(DataContext.get_current(), name) for name in overridden} == before
+    assert before["target_max_block_size"] != 1  # else the comparison would not show a leak of the run's 1
 
 
 def test_a_request_the_cluster_cannot_place_fails_at_once(cluster, dataset, tmp_path):
@@ -103,16 +155,17 @@ def test_a_request_the_cluster_cannot_place_fails_at_once(cluster, dataset, tmp_
 def test_instance_model_writes_results_and_table_but_no_panoptic_files(cluster, dataset, tmp_path):
     from pipeline.evaluate.ap import evaluate_ap
 
-    settings = ModelSettings(random_weights=True, min_size=96, max_size=128, score_threshold=0.3)
+    # Threshold 0: random weights detect next to nothing above 0.3, and an empty result would agree with anything.
+    settings = ModelSettings(random_weights=True, min_size=96, max_size=128, score_threshold=0.0)
+    shard = dataset / "shards" / "val-00002.tar"
     out = tmp_path / "out"
-    summary = run(InferConfig(input=str(dataset / "shards" / "val-00002.tar"), out=str(out),
-                              model="maskrcnn_resnet50_fpn", settings=settings))
+    summary = run(InferConfig(input=str(shard), out=str(out), model="maskrcnn_resnet50_fpn", settings=settings))
     assert summary.images == 2 and not (out / "panoptic_pred.json").exists()
     results = json.loads((out / "instances_pred_results.json").read_text())
     assert len(results) == summary.segments == pq.read_table(out / "predictions").num_rows
-    if results:  # random weights at 0.3 may detect nothing; the table and the JSON must agree either way
-        gt = json.loads((dataset / "annotations" / "instances_val.json").read_text())
-        assert {r["image_id"] for r in results} <= {im["id"] for im in gt["images"]}
+    assert {r["image_id"] for r in results} == {11, 12}  # the shard's two images, both with detections
+    expected = _in_process("maskrcnn_resnet50_fpn", settings, str(shard))
+    assert results == [r for p in expected for r in p.to_coco_results()]
 
 
 def test_weights_come_from_the_checkpoint_with_its_categories_and_a_bad_one_fails_before_ray(cluster, dataset, tmp_path):
@@ -120,13 +173,20 @@ def test_weights_come_from_the_checkpoint_with_its_categories_and_a_bad_one_fail
 
     from pipeline.models import load_model
 
-    model = load_model("segpipe_small", SMALL)
+    from pipeline.io.tables import parquet_files, read_predictions
+
+    # Seed 1: a run that ignored the checkpoint would build seed 0's random weights, and differ.
+    source = replace(SMALL, seed=1)
+    model = load_model("segpipe_small", source)
     torch.save({"model": model.module.state_dict(), "categories": list(categories())}, tmp_path / "small.pt")
     settings = ModelSettings(weights=str(tmp_path / "small.pt"), fusion=SMALL.fusion)
-    summary = run(InferConfig(input=str(dataset / "shards" / "val-00002.tar"), out=str(tmp_path / "out"),
-                              model="segpipe_small", settings=settings))
+    shard = str(dataset / "shards" / "val-00002.tar")
+    summary = run(InferConfig(input=shard, out=str(tmp_path / "out"), model="segpipe_small", settings=settings))
     pan = json.loads((tmp_path / "out" / "panoptic_pred.json").read_text())
     assert summary.images == 2 and [c["id"] for c in pan["categories"]] == [c["id"] for c in categories()]
+    expected = _in_process("segpipe_small", source, shard)
+    assert read_predictions(parquet_files(str(tmp_path / "out" / "predictions"))) == expected
+    assert expected != _in_process("segpipe_small", replace(SMALL, seed=0), shard)
     torch.save({"model": {"stem.0.0.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
     start = time.perf_counter()
     with pytest.raises(SegpipeError, match="bad.pt: does not fit segpipe_small"):
@@ -196,12 +256,20 @@ def test_a_shard_that_breaks_off_is_an_error_row_not_a_failed_run(cluster, datas
     shards.mkdir()
     (shards / "a.tar").write_bytes((dataset / "shards" / "val-00002.tar").read_bytes())
     whole = (dataset / "shards" / "val-00000.tar").read_bytes()
-    (shards / "b.tar").write_bytes(whole[: len(whole) // 2])  # cut in the middle of its third image
+    cut = len(whole) // 2
+    (shards / "b.tar").write_bytes(whole[:cut])
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        members = tar.getmembers()
+    complete = [m.name for m in members if m.offset_data + m.size <= cut]
+    assert len(complete) == 2 and members[2].offset_data < cut < members[2].offset_data + members[2].size  # mid third
     summary = run(InferConfig(input=str(shards), out=str(tmp_path / "out"), model="segpipe_small", settings=SMALL))
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
     assert len(errors) == 1 and errors[0]["reason"].startswith("shard unreadable")
-    assert errors[0]["shard"].endswith("b.tar") and summary.failed == 1
-    assert summary.images == 2 + int(errors[0]["image"].split()[2])  # a.tar's 2, and b.tar's up to the cut
+    assert errors[0]["shard"].endswith("b.tar") and errors[0]["image"] == "(shard after 2 images)"
+    assert (summary.images, summary.failed) == (4, 1)  # a.tar's 2, and b.tar's 2 before the cut
+    pan = json.loads((tmp_path / "out" / "panoptic_pred.json").read_text())
+    with tarfile.open(shards / "a.tar") as tar:
+        assert sorted(im["file_name"] for im in pan["images"]) == sorted(tar.getnames() + complete)
 
 
 def test_a_run_killed_midway_resumes_to_the_same_outputs(cluster, tmp_path, kill_session):
@@ -246,14 +314,26 @@ def test_a_run_killed_midway_resumes_to_the_same_outputs(cluster, tmp_path, kill
 def test_bench_infer_measures_the_pipeline_against_the_raw_model_on_the_same_images(tmp_path):
     from pipeline.bench_infer import run as bench
 
+    start = time.perf_counter()
     report = bench(tmp_path / "data", images=16, height=64, width=64, model="segpipe_small", weights=None,
                    batch_size=4, threads=1, repeat=1, actor_counts=[1], out=tmp_path / "bench.json", echo=lambda line: None)
+    elapsed = time.perf_counter() - start
     (pipe,), (raw,) = report["runs"]["pipeline-1"], report["runs"]["raw"]
-    assert raw["images"] == pipe["images"] == 16 and pipe["segments"] > 0
-    assert report["efficiency"]["pipeline-1"] == pytest.approx(pipe["images_per_s"] / raw["images_per_s"])
-    assert report["efficiency_paired"]["pipeline-1"] == pytest.approx(report["efficiency"]["pipeline-1"])
-    assert pipe["ray_s"] > 0 and pipe["seconds"] > 0  # Ray's own start and stop are measured, and left out
-    assert json.loads((tmp_path / "bench.json").read_text())["setup"]["images"] == 16
+    assert raw["images"] == pipe["images"] == 16
+    # The pipeline run's outputs are on disk: its segment count is the table's rows.
+    rows = pq.read_table(tmp_path / "data" / "out" / "predictions").num_rows
+    assert pipe["segments"] == rows > 0 and report["segments_per_image"] == rows / 16
+    # Each run was timed inside this call, Ray's own start and stop measured and left out.
+    assert 0 < raw["seconds"] and 0 < pipe["ray_s"] and 0 < pipe["seconds"]
+    assert raw["seconds"] + pipe["seconds"] + pipe["ray_s"] < elapsed
+    for run_ in (raw, pipe):
+        assert run_["images_per_s"] == pytest.approx(16 / run_["seconds"])
+    # Same images, so the ratio of rates is the ratio of times; the pipeline does the raw forward and more
+    # (reading, decoding, the model's load, post-processing, writing) on the same one thread, so it is slower.
+    efficiency = report["efficiency"]["pipeline-1"]
+    assert efficiency == pytest.approx(raw["seconds"] / pipe["seconds"]) and 0 < efficiency < 1
+    assert report["efficiency_paired"]["pipeline-1"] == pytest.approx(efficiency)  # one repeat: one pair
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
 
 
 def test_rows_hold_whole_batches_and_end_early_for_big_images(tmp_path, monkeypatch):

@@ -66,6 +66,9 @@ def test_rle_from_coco_reads_uncompressed_counts_and_polygons():
     np.testing.assert_array_equal(Rle.from_coco(square, 20, 20).to_mask(), expected)
     compressed = Rle.from_mask(mask).to_coco()
     assert Rle.from_coco(compressed, 31, 45).counts == compressed["counts"]
+    # The compressed string is COCO's: pycocotools decodes it to the mask (not only segpipe reads it back).
+    coco = {"size": compressed["size"], "counts": compressed["counts"].encode()}
+    np.testing.assert_array_equal(mask_utils.decode(coco).astype(bool), mask)
 
 
 @pytest.mark.parametrize("counts, reason", [

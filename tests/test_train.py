@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +47,8 @@ def test_two_workers_train_and_write_a_checkpoint_with_its_metadata(trained, dat
         c["id"] for c in json.loads((dataset / "annotations" / "panoptic_val.json").read_text())["categories"]]
     identity = json.loads((out / "train.json").read_text())
     assert checkpoint["data"] == {"train": identity["train"]["fingerprint"], "val": identity["val"]["fingerprint"]}
-    assert checkpoint["code_version"] == "0.1.0" and checkpoint["val"] == result.history[-1]
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert checkpoint["code_version"] == project["version"] and checkpoint["val"] == result.history[-1]
     assert {"pq", "pq_things", "pq_stuff", "ap"} <= checkpoint["val"].keys()
     assert json.loads((out / "metrics.json").read_text())["history"] == result.history
     # Ray Train keeps the last two checkpoints, each a folder with the weights and the optimiser state.
@@ -64,6 +67,12 @@ def test_the_checkpoint_labels_with_segpipe_infer_and_scores_what_validation_sai
     # each validation worker's 6 images) differ in the last bits, which moves a few near-tie pixels of
     # this barely trained model. Bit-equality on the same predictions: test_train_data.py.
     assert pq["All"]["pq"] == pytest.approx(result.history[-1]["pq"], abs=5e-3)
+    assert pq["All"]["pq"] > 0.01  # else both sides could be 0 and agree whatever validation computed
+    # Validation's AP is `segpipe eval ap` of the same labels' thing segments against the instances file.
+    from pipeline.evaluate.ap import evaluate_ap
+
+    ap = evaluate_ap(str(dataset / "annotations" / "instances_val.json"), str(labels / "instances_pred_results.json"))
+    assert ap["stats"][0] == pytest.approx(result.history[-1]["ap"], abs=5e-3)
     # Those labels are pseudo-labels the next round trains on: the infer folder is a dataset.
     again = run(TrainConfig(train=str(labels), val=str(dataset / "annotations" / "panoptic_val.json"),
                             model="segpipe_small", out=str(tmp_path / "round2"), init=str(out / "model.pt"),

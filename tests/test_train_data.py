@@ -52,20 +52,36 @@ def test_the_sample_stream_is_a_permutation_per_epoch_and_fixed_by_the_seed(data
     assert stream != [sample_index(_plan(data, seed=1), p) for p in range(36)]
 
 
-def test_validation_gives_the_numbers_segpipe_eval_pq_gives_for_the_same_predictions(dataset, tmp_path):
-    """The training loop's PQ is `segpipe eval pq` of the model's predictions, to the last bit."""
+def test_validation_gives_the_numbers_segpipe_eval_pq_and_pycocotools_give_for_the_same_predictions(dataset, tmp_path):
+    """The training loop's PQ is `segpipe eval pq` of the model's predictions, to the last bit, and its AP
+    is pycocotools' on the instances file. The model's outputs are the ground truth's own targets (a random
+    model scores 0 on both sides, which would agree whatever validation computed)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     from pipeline.evaluate.pq import evaluate_pq
     from pipeline.io.fs import write_bytes, write_json
+    from pipeline.models.outputs import bottom_up_targets
     from pipeline.structures import ImagePrediction, encode_panoptic_png
 
     data = load_dataset(str(dataset / "annotations" / "panoptic_val.json"))
-    settings = ModelSettings(random_weights=True, seed=3, categories=tuple(data.categories), score_threshold=0.05,
+    settings = ModelSettings(random_weights=True, seed=3, categories=tuple(data.categories), score_threshold=0.5,
                              fusion=FusionConfig(stuff_area_threshold=64))
     adapter = load_model("segpipe_small", settings)
     examples = list(data.examples)
     encoded = read_encoded(data, examples)
+    ids_of = tuple(c["id"] for c in data.categories)
+    things = tuple(bool(c["isthing"]) for c in data.categories)
+    oracle = {}
+    for example, (image, png) in zip(examples, encoded):
+        sample = decode(data, example, image, png)
+        targets = bottom_up_targets(sample.ids, sample.segments, ids_of, things)
+        targets["semantic"][targets["semantic"] == 255] = things.index(False)  # VOID as a stuff class
+        oracle[sample.image.tobytes()] = targets
+    adapter.forward = lambda images: [oracle[image.tobytes()] for image in images]
     metrics = validate(adapter, data, examples, encoded, rank=0, world=1)
-    annotations = []
+    annotations, results = [], []
+    thing_ids = {c for c, t in zip(ids_of, things) if t}
     for example, (image, png) in zip(examples, encoded):
         sample = decode(data, example, image, png)
         ids, segments = adapter.postprocess.panoptic(adapter.forward([sample.image])[0])
@@ -73,11 +89,21 @@ def test_validation_gives_the_numbers_segpipe_eval_pq_gives_for_the_same_predict
         write_bytes(str(tmp_path / "pred" / example.png), encode_panoptic_png(ids))
         annotations.append({"image_id": example.image_id, "file_name": example.png,
                             "segments_info": [s.segment_info() for s in prediction.segments]})
+        results += [r for r in prediction.to_coco_results() if r["category_id"] in thing_ids]
     write_json(str(tmp_path / "pred.json"), {"annotations": annotations, "categories": list(data.categories)})
     expected = evaluate_pq(str(dataset / "annotations" / "panoptic_val.json"), str(tmp_path / "pred.json"))
+    assert expected["All"]["n"] == 12 and expected["Things"]["pq"] > 0.5 and expected["Stuff"]["pq"] > 0.5
     assert metrics["pq"] == expected["All"]["pq"] and metrics["pq_things"] == expected["Things"]["pq"]
-    assert metrics["pq_stuff"] == expected["Stuff"]["pq"] and expected["All"]["n"] > 0
-    assert 0 <= metrics["ap"] <= 1
+    assert metrics["pq_stuff"] == expected["Stuff"]["pq"]
+    assert (metrics["sq"], metrics["rq"]) == (expected["All"]["sq"], expected["All"]["rq"])
+    gt = COCO(str(dataset / "annotations" / "instances_val.json"))
+    evaluator = COCOeval(gt, gt.loadRes(results), "segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert evaluator.stats[0] > 0.5
+    assert metrics["ap"] == pytest.approx(evaluator.stats[0], abs=1e-12)
+    assert metrics["ap50"] == pytest.approx(evaluator.stats[1], abs=1e-12)
 
 
 @pytest.fixture

@@ -158,11 +158,17 @@ def test_cli_exit_codes_and_one_line_errors(broken, tmp_path):
 
 def test_real_process_prints_no_traceback_for_bad_input(tmp_path):
     (tmp_path / "corrupt.json").write_text('{"annotations": ')
-    for args in (["validate", str(tmp_path / "corrupt.json")], ["validate", str(tmp_path / "missing.json")],
-                 ["synth", str(tmp_path / "out"), "--images", "2", "--size", "12x4"]):
+    for args, message in (
+        (["validate", str(tmp_path / "corrupt.json")],
+         f"segpipe: error: {tmp_path / 'corrupt.json'}: invalid JSON at line 1 column 17: unexpected end of data"),
+        (["validate", str(tmp_path / "missing.json")], f"segpipe: error: {tmp_path / 'missing.json'}: no such file"),
+        (["synth", str(tmp_path / "out"), "--images", "2", "--size", "12x4"],
+         "Invalid value: '12x4': expected HEIGHTxWIDTH, each at least 16"),
+    ):
         done = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
         assert done.returncode == 2, done
-        assert "Traceback" not in done.stderr and done.stderr.strip(), done.stderr
+        assert "Traceback" not in done.stderr and message in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()  # the bad size stopped synth before it wrote anything
 
 
 # Annotation 1768 of COCO's instances_val2017.json, as published: its area is the polygon's
