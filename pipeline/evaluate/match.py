@@ -57,7 +57,10 @@ def decode_counts(data: np.ndarray, offsets: np.ndarray) -> Runs:
     first, written as chr(48 + group); bit 5 says another group follows, bit 4 of the last group is
     the sign; from the third run on, the number is the difference to the run two places back.
     """
-    lengths, run_offsets, areas, totals, bad, reason = _decode(np.asarray(data, np.uint8), np.asarray(offsets, np.int64))
+    data = np.asarray(data, np.uint8)
+    if not data.flags.writeable:  # the compiled kernel takes writable arrays; bytes objects give read-only ones
+        data = data.copy()
+    lengths, run_offsets, areas, totals, bad, reason = _decode(data, np.asarray(offsets, np.int64))
     if bad >= 0:
         raise RleError(int(bad), ("the counts string ends inside a run", "a character outside the RLE alphabet",
                                   "a negative run length", "a run longer than 2^60")[reason])
