@@ -1,17 +1,23 @@
-"""COCO AP with the semantics of pycocotools' COCOeval, from per-image statistics reduced on the driver."""
+"""COCO AP with the semantics of pycocotools' COCOeval, from per-image statistics that add, without per-image Python."""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numba
 import numpy as np
+import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from pipeline.errors import SegpipeError
-from pipeline.evaluate.runner import without_cyclic_gc
-from pipeline.structures import Rle
+from pipeline.evaluate.match import Runs, decode_arrow, decode_strings, pair_intersections
+from pipeline.evaluate.pq import category_positions
+from pipeline.evaluate.runner import map_shards, without_cyclic_gc
+from pipeline.io.fs import read_json
+from pipeline.io.tables import is_dataset_table, open_dataset_table, parquet_files, read_columns, read_rows
 
 # COCOeval's parameters for segm and bbox, built the way pycocotools builds them (the same floats).
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -26,35 +32,34 @@ _STATS = ((True, None, 0, 2), (True, 0, 0, 2), (True, 5, 0, 2), (True, None, 1, 
 
 
 @dataclass(frozen=True)
-class Objects:
-    """One image's ground truth or detections as arrays (file order), reduced to what matching needs."""
+class Instances:
+    """Ground truth or detections of a batch of images, flat: image by image, file order within an image."""
 
+    image: np.ndarray  # the image's id, non-decreasing
     category: np.ndarray  # position in the sorted category ids
-    area: np.ndarray
+    area: np.ndarray  # float64, the area COCOeval ranges by (ground truth: the file's; detections: loadRes's)
     box: np.ndarray  # (n, 4) COCO [x, y, w, h]
-    rles: list | None  # pycocotools RLEs, segm only
     crowd: np.ndarray  # ground truth: iscrowd; detections: all False
     score: np.ndarray  # detections: score; ground truth: ones
     counts_as_match: np.ndarray  # ground truth: id != 0 (COCOeval stores the id, so id 0 reads as no match)
+    masks: Runs | None  # segm only: each instance's mask as RLE runs
 
     def __len__(self) -> int:
         return len(self.category)
 
-    def take(self, index: np.ndarray) -> Objects:
-        return Objects(self.category[index], self.area[index], self.box[index],
-                       None if self.rles is None else [self.rles[i] for i in index.tolist()],
-                       self.crowd[index], self.score[index], self.counts_as_match[index])
 
-
-@dataclass(frozen=True)
+@dataclass
 class Statistics:
-    """What a run of images contributes to AP: COCOeval's evaluateImg output, as flat arrays.
+    """What a run of images contributes to AP: COCOeval's evaluateImg output, as flat arrays that add.
 
     One entry per kept detection (the top 100 by score of each image and category), in image order
     and, within an image and category, in COCOeval's order: `matched` and `ignored` are (areas,
     thresholds, detections) flags. `positives` counts non-ignored ground truth per (category, area).
+    Adding two statistics of disjoint images merges them in image-id order, so shards, workers and
+    ranks add up in any order to the same statistics.
     """
 
+    image: np.ndarray
     category: np.ndarray
     score: np.ndarray
     rank: np.ndarray  # position within its image and category, by score
@@ -63,91 +68,183 @@ class Statistics:
     positives: np.ndarray
 
     @classmethod
-    def concatenate(cls, parts: Sequence[Statistics], n_categories: int) -> Statistics:
-        if not parts:
-            empty = np.zeros((len(AREA_RANGES), len(IOU_THRESHOLDS), 0), bool)
-            return cls(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), empty, empty,
-                       np.zeros((n_categories, len(AREA_RANGES)), np.int64))
-        return cls(np.concatenate([p.category for p in parts]), np.concatenate([p.score for p in parts]),
-                   np.concatenate([p.rank for p in parts]), np.concatenate([p.matched for p in parts], axis=2),
-                   np.concatenate([p.ignored for p in parts], axis=2), np.sum([p.positives for p in parts], axis=0))
+    def zeros(cls, n_categories: int) -> Statistics:
+        flags = np.zeros((len(AREA_RANGES), len(IOU_THRESHOLDS), 0), bool)
+        empty = np.zeros(0, np.int64)
+        return cls(empty, empty, np.zeros(0), empty, flags, flags, np.zeros((n_categories, len(AREA_RANGES)), np.int64))
+
+    def __iadd__(self, other: Statistics) -> Statistics:
+        image = np.concatenate([self.image, other.image])
+        order = None
+        if len(self.image) and len(other.image) and other.image[0] < self.image[-1]:
+            order = np.argsort(image, kind="stable")  # not in image order: merge (images are disjoint)
+        take = (lambda a, axis=0: a if order is None else np.take(a, order, axis=axis))
+        self.image = take(image)
+        self.category = take(np.concatenate([self.category, other.category]))
+        self.score = take(np.concatenate([self.score, other.score]))
+        self.rank = take(np.concatenate([self.rank, other.rank]))
+        self.matched = take(np.concatenate([self.matched, other.matched], axis=2), 2)
+        self.ignored = take(np.concatenate([self.ignored, other.ignored], axis=2), 2)
+        self.positives = self.positives + other.positives
+        return self
+
+
+def batch_statistics(truths: Instances, dets: Instances, iou_type: str, n_categories: int) -> Statistics:
+    """COCOeval.evaluateImg for a batch of images: every image, category, area range and threshold at once.
+
+    Categories never interact (a detection only meets ground truth of its class), so each (image,
+    category) group is matched on its own, greedily, in COCOeval's order; one compiled pass does all groups.
+    """
+    # Detections by (image, category, score), stable so that ties keep file order; the top 100 of each group.
+    order = np.lexsort((-dets.score, dets.category, dets.image))
+    group_key = _group_key(dets.image[order], dets.category[order], n_categories)
+    starts = np.flatnonzero(np.r_[True, group_key[1:] != group_key[:-1]]) if len(order) else np.zeros(0, np.int64)
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    kept = order[rank < MAX_DETS[-1]]
+    rank = rank[rank < MAX_DETS[-1]]
+    d_key = _group_key(dets.image[kept], dets.category[kept], n_categories)
+    g_order = np.lexsort((truths.category, truths.image))
+    g_key = _group_key(truths.image[g_order], truths.category[g_order], n_categories)
+    # Groups holding both detections and ground truth are the ones that can match.
+    keys = np.intersect1d(d_key, g_key)
+    d_lo, d_hi = np.searchsorted(d_key, keys), np.searchsorted(d_key, keys, "right")
+    g_lo, g_hi = np.searchsorted(g_key, keys), np.searchsorted(g_key, keys, "right")
+    pair_offsets = np.zeros(len(keys) + 1, np.int64)
+    np.cumsum((d_hi - d_lo) * (g_hi - g_lo), out=pair_offsets[1:])
+    d_pairs, g_pairs = _pairs(d_lo, d_hi, g_lo, g_hi, pair_offsets)  # positions in kept / g_order, row-major
+    ious = _ious(dets, truths, kept[d_pairs], g_order[g_pairs], iou_type)
+
+    gt_ignored = truths.crowd[None, :] | (truths.area[None, :] < _LOW) | (truths.area[None, :] > _HIGH)  # (A, G)
+    matched, ignored = _match(d_lo, d_hi, g_lo, g_hi, pair_offsets, ious, np.ascontiguousarray(gt_ignored[:, g_order]),
+                              truths.crowd[g_order], truths.counts_as_match[g_order], len(kept),
+                              np.minimum(IOU_THRESHOLDS, 1 - 1e-10))
+    outside = (dets.area[kept][None, :] < _LOW) | (dets.area[kept][None, :] > _HIGH)  # (A, D)
+    ignored |= ~matched & outside[:, None, :]
+    positives = np.stack([np.bincount(truths.category[~gt_ignored[a]], minlength=n_categories)
+                          for a in range(len(AREA_RANGES))], axis=1)
+    return Statistics(dets.image[kept], dets.category[kept], dets.score[kept], rank, matched, ignored, positives)
+
+
+def _group_key(image: np.ndarray, category: np.ndarray, n_categories: int) -> np.ndarray:
+    """One sortable number per (image, category): image ids are non-negative in COCO, but any int64 works."""
+    return image.astype(np.int64) * n_categories + category
 
 
 _LOW = np.asarray([a[0] for a in AREA_RANGES], np.float64)[:, None]
 _HIGH = np.asarray([a[1] for a in AREA_RANGES], np.float64)[:, None]
-_THRESHOLDS = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[None, :, None]  # COCOeval's starting IoU per threshold
+
+
+@numba.njit("UniTuple(i8[:], 2)(i8[:], i8[:], i8[:], i8[:], i8[:])", cache=True, nogil=True)
+def _pairs(d_lo, d_hi, g_lo, g_hi, offsets):
+    """Every (detection, ground truth) pair of every group, detection-major, as COCOeval's IoU matrices."""
+    d = np.empty(offsets[-1], np.int64)
+    g = np.empty(offsets[-1], np.int64)
+    for k in range(len(d_lo)):
+        q = offsets[k]
+        for i in range(d_lo[k], d_hi[k]):
+            for j in range(g_lo[k], g_hi[k]):
+                d[q], g[q] = i, j
+                q += 1
+    return d, g
+
+
+def _ious(dets: Instances, truths: Instances, d: np.ndarray, g: np.ndarray, iou_type: str) -> np.ndarray:
+    """IoU of each (detection, ground truth) pair, as pycocotools' maskUtils.iou computes it, to the bit."""
+    crowd = truths.crowd[g]
+    if iou_type == "bbox":
+        return _box_ious(dets.box[d], truths.box[g], crowd)
+    # rleIou: intersection / union counted from the runs; a crowd's union is the detection's area. Pairs whose
+    # boxes do not meet share no pixel, so only the others walk their runs.
+    d_box, g_box = box_extents(dets.masks)[d], box_extents(truths.masks)[g]
+    meet = ((d_box[:, 0] <= g_box[:, 1]) & (g_box[:, 0] <= d_box[:, 1])
+            & (d_box[:, 2] <= g_box[:, 3]) & (g_box[:, 2] <= d_box[:, 3]))
+    shared = np.zeros(len(d), np.int64)
+    shared[meet] = pair_intersections(dets.masks, truths.masks, d[meet], g[meet])
+    d_area, g_area = dets.masks.areas[d], truths.masks.areas[g]
+    union = np.where(crowd, d_area, d_area + g_area - shared)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(shared > 0, shared / np.where(shared > 0, union, 1), 0.0)
 
 
 def _box_ious(d: np.ndarray, g: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """pycocotools' bbIou, element by element in the same arithmetic, so results agree to the bit."""
-    w = np.minimum(d[:, None, 2] + d[:, None, 0], g[None, :, 2] + g[None, :, 0]) - np.maximum(d[:, None, 0], g[None, :, 0])
-    h = np.minimum(d[:, None, 3] + d[:, None, 1], g[None, :, 3] + g[None, :, 1]) - np.maximum(d[:, None, 1], g[None, :, 1])
+    """pycocotools' bbIou, pair by pair in the same arithmetic, so results agree to the bit."""
+    w = np.minimum(d[:, 2] + d[:, 0], g[:, 2] + g[:, 0]) - np.maximum(d[:, 0], g[:, 0])
+    h = np.minimum(d[:, 3] + d[:, 1], g[:, 3] + g[:, 1]) - np.maximum(d[:, 1], g[:, 1])
     inter = w * h
     d_area, g_area = d[:, 2] * d[:, 3], g[:, 2] * g[:, 3]
-    union = np.where(crowd[None, :], d_area[:, None], d_area[:, None] + g_area[None, :] - inter)
+    union = np.where(crowd, d_area, d_area + g_area - inter)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where((w > 0) & (h > 0), inter / union, 0.0)
 
 
-def _ious(dets: Objects, truths: Objects, iou_type: str) -> np.ndarray:
-    """IoU of every detection with every ground truth of its own category; -1 across categories."""
-    same = dets.category[:, None] == truths.category[None, :]
-    if iou_type == "bbox":
-        return np.where(same, _box_ious(dets.box, truths.box, truths.crowd), -1.0)
-    out = np.full(same.shape, -1.0)
-    for k in np.intersect1d(dets.category, truths.category).tolist():
-        d_index, g_index = np.flatnonzero(dets.category == k), np.flatnonzero(truths.category == k)
-        block = mask_utils.iou([dets.rles[i] for i in d_index], [truths.rles[i] for i in g_index],
-                               truths.crowd[g_index].astype(np.uint8).tolist())
-        out[np.ix_(d_index, g_index)] = block
-    return out
+@numba.njit("UniTuple(b1[:, :, :], 2)(i8[:], i8[:], i8[:], i8[:], i8[:], f8[:], b1[:, :], b1[:], b1[:], i8, f8[:])",
+            cache=True, nogil=True)
+def _match(d_lo, d_hi, g_lo, g_hi, offsets, ious, gt_ignored, gt_crowd, gt_counts, n_det, thresholds):
+    """COCOeval.evaluateImg's greedy matching, loop for loop, for every group, area range and threshold.
 
-
-def image_statistics(truths: Objects, dets: Objects, iou_type: str, n_categories: int) -> Statistics:
-    """COCOeval.evaluateImg for one image: every category, area range and IoU threshold at once.
-
-    Categories never interact (a detection only meets ground truth of its class), so one greedy
-    pass over the image's detections, each category's in COCOeval's score order, gives its matches.
+    Ground truth is visited ignored-last (a stable sort, per area range); a detection takes the best
+    ground truth not yet taken (crowds can be taken again) whose IoU reaches the threshold, later ones
+    winning ties, and stops at the ignored ones once it holds a regular one.
     """
-    n_area, n_thr = len(AREA_RANGES), len(IOU_THRESHOLDS)
-    # Detections: per category by score (stable: ties keep file order), the top 100.
-    order = np.lexsort((-dets.score, dets.category))
-    category = dets.category[order]
-    starts = np.flatnonzero(np.r_[True, category[1:] != category[:-1]]) if len(order) else np.zeros(0, np.int64)
-    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    keep = rank < MAX_DETS[-1]
-    dets, rank = dets.take(order[keep]), rank[keep]
-    n_det, n_gt = len(dets), len(truths)
-    gt_ignored = truths.crowd[None, :] | (truths.area[None, :] < _LOW) | (truths.area[None, :] > _HIGH)  # (A, G)
-    matched = np.zeros((n_area, n_thr, n_det), bool)
-    ignored = np.zeros((n_area, n_thr, n_det), bool)
-    if n_gt and n_det:
-        ious = _ious(dets, truths, iou_type)
-        taken = np.zeros((n_area, n_thr, n_gt), bool)
-        ignored_gt = gt_ignored[:, None, :]
-        reverse = np.arange(n_gt)[::-1]
-        # A detection whose best IoU is under the lowest threshold matches nothing at any threshold.
-        for k in np.flatnonzero(ious.max(axis=1) >= IOU_THRESHOLDS[0]).tolist():
-            iou = ious[k][None, None, :]
-            ok = (~taken | truths.crowd[None, None, :]) & (iou >= _THRESHOLDS)  # (A, T, G)
-            # COCOeval sorts ground truth ignored-last and stops at the ignored once a regular one
-            # matched: the best regular ground truth wins, else the best ignored; ties go to the last.
-            regular = ok & ~ignored_gt
-            pool = np.where(regular.any(axis=2, keepdims=True), regular, ok & ignored_gt)
-            found = pool.any(axis=2)
-            if not found.any():
-                continue
-            best = reverse[np.argmax(np.where(pool, iou, -2.0)[:, :, reverse], axis=2)]  # (A, T)
-            a_idx, t_idx = np.nonzero(found)
-            g_idx = best[a_idx, t_idx]
-            taken[a_idx, t_idx, g_idx] = True
-            matched[a_idx, t_idx, k] = truths.counts_as_match[g_idx]
-            ignored[a_idx, t_idx, k] = gt_ignored[a_idx, g_idx]
-    outside = (dets.area[None, :] < _LOW) | (dets.area[None, :] > _HIGH)  # (A, D)
-    ignored |= ~matched & outside[:, None, :]
-    positives = np.stack([np.bincount(truths.category[~gt_ignored[a]], minlength=n_categories)
-                          for a in range(n_area)], axis=1)
-    return Statistics(dets.category, dets.score, rank, matched, ignored, positives)
+    n_area, n_thr = gt_ignored.shape[0], len(thresholds)
+    matched = np.zeros((n_area, n_thr, n_det), np.bool_)
+    ignored = np.zeros((n_area, n_thr, n_det), np.bool_)
+    for k in range(len(d_lo)):
+        n_g = g_hi[k] - g_lo[k]
+        visit = np.empty(n_g, np.int64)
+        taken = np.zeros(n_g, np.bool_)
+        for a in range(n_area):
+            q = 0
+            for ignored_pass in (False, True):
+                for j in range(n_g):
+                    if gt_ignored[a, g_lo[k] + j] == ignored_pass:
+                        visit[q] = j
+                        q += 1
+            for t in range(n_thr):
+                taken[:] = False
+                for i in range(d_hi[k] - d_lo[k]):
+                    best, m = thresholds[t], -1
+                    row = offsets[k] + i * n_g
+                    for j in visit:
+                        g = g_lo[k] + j
+                        if taken[j] and not gt_crowd[g]:
+                            continue
+                        if m > -1 and not gt_ignored[a, g_lo[k] + m] and gt_ignored[a, g]:
+                            break
+                        if ious[row + j] < best:
+                            continue
+                        best, m = ious[row + j], j
+                    if m == -1:
+                        continue
+                    taken[m] = True
+                    matched[a, t, d_lo[k] + i] = gt_counts[g_lo[k] + m]
+                    ignored[a, t, d_lo[k] + i] = gt_ignored[a, g_lo[k] + m]
+    return matched, ignored
+
+
+def box_extents(masks: Runs) -> np.ndarray:
+    """(n, 4) first column, last column, first row, last row of each mask's pixels (-1 rows for an empty one)."""
+    return _extents(masks.lengths, masks.offsets, masks.heights)
+
+
+@numba.njit("i8[:, :](i8[:], i8[:], i8[:])", cache=True, nogil=True)
+def _extents(lengths, offsets, heights):
+    out = np.empty((len(offsets) - 1, 4), np.int64)
+    for i in range(len(offsets) - 1):
+        h = heights[i]
+        x0, x1, y0, y1 = np.int64(1) << 62, np.int64(-1), np.int64(1) << 62, np.int64(-1)
+        position = 0
+        for r in range(offsets[i], offsets[i + 1]):
+            if (r - offsets[i]) % 2 == 1 and lengths[r] > 0:
+                first, last = position, position + lengths[r] - 1
+                x0, x1 = min(x0, first // h), max(x1, last // h)
+                if first // h != last // h:  # the run wraps to a next column: every row is covered
+                    y0, y1 = 0, h - 1
+                else:
+                    y0, y1 = min(y0, first % h), max(y1, last % h)
+            position += lengths[r]
+        out[i, 0], out[i, 1], out[i, 2], out[i, 3] = x0, x1, y0, y1
+    return out
 
 
 def accumulate(stats: Statistics, n_categories: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,11 +262,9 @@ def accumulate(stats: Statistics, n_categories: int) -> tuple[np.ndarray, np.nda
         if not stats.positives[k].any():
             continue
         entries = by_category[bounds[k]:bounds[k + 1]]
-        scores, rank = stats.score[entries], stats.rank[entries]
         for m, max_det in enumerate(MAX_DETS):
-            kept = entries[rank < max_det]
-            order = np.argsort(-stats.score[kept], kind="mergesort")
-            kept = kept[order]
+            kept = entries[stats.rank[entries] < max_det]
+            kept = kept[np.argsort(-stats.score[kept], kind="mergesort")]
             for a in range(n_area):
                 positives = stats.positives[k, a]
                 if positives == 0:
@@ -218,28 +313,20 @@ def summarize(precision: np.ndarray, recall: np.ndarray) -> list[float]:
 # line naming the file and the item.
 
 
-def _rle(segmentation: dict | list, height: int, width: int) -> dict:
-    """pycocotools RLE of a COCO segmentation, as COCO.annToRLE makes it (compressed RLE passes as is).
-
-    Uncompressed RLE, which loadRes cannot take without a box (it measures the area with
-    maskUtils.area, compressed RLE only), is compressed first; [] is an empty mask (Rle.from_coco).
-    """
-    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str):
-        return {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
-    return Rle.from_coco(segmentation, height, width)._encoded()
-
-
-def truth_objects(annotations: Sequence[dict], image: dict, category_index: dict, iou_type: str) -> Objects:
-    """One image's ground truth as COCO() and COCOeval._prepare see it: area from the file, crowds ignored."""
+def truth_instances(annotations: Sequence[dict], sizes: dict, category_index: dict, iou_type: str) -> Instances:
+    """Ground truth as COCO() and COCOeval._prepare see it (area from the file, crowds ignored), in image-id
+    order, file order within an image; `sizes` maps image id to (height, width)."""
+    annotations = sorted(annotations, key=lambda a: a["image_id"])  # stable: file order within an image
     n = len(annotations)
-    rles = None
+    image = np.fromiter((a["image_id"] for a in annotations), np.int64, n)
+    masks = None
     if iou_type == "segm":
-        rles = [_rle(a["segmentation"], image["height"], image["width"]) for a in annotations]
-    return Objects(np.asarray([category_index[a["category_id"]] for a in annotations], np.int64).reshape(n),
-                   np.asarray([a["area"] for a in annotations], np.float64).reshape(n),
-                   np.asarray([a["bbox"] for a in annotations], np.float64).reshape(n, 4), rles,
-                   np.asarray([bool(a.get("iscrowd", 0)) for a in annotations], bool).reshape(n),
-                   np.ones(n), np.asarray([a["id"] != 0 for a in annotations], bool).reshape(n))
+        masks = _masks([a["segmentation"] for a in annotations], image, sizes)
+    return Instances(image, np.fromiter((category_index[a["category_id"]] for a in annotations), np.int64, n),
+                     np.fromiter((a["area"] for a in annotations), np.float64, n),
+                     np.asarray([a["bbox"] for a in annotations], np.float64).reshape(n, 4),
+                     np.fromiter((bool(a.get("iscrowd", 0)) for a in annotations), bool, n), np.ones(n),
+                     np.fromiter((a["id"] != 0 for a in annotations), bool, n), masks)
 
 
 def loads_as_boxes(results: Sequence[dict]) -> bool:
@@ -247,130 +334,171 @@ def loads_as_boxes(results: Sequence[dict]) -> bool:
     return "bbox" in results[0] and results[0]["bbox"] != []
 
 
-def detection_objects(results: Sequence[dict], image: dict, category_index: dict, iou_type: str,
-                      box_branch: bool) -> Objects:
-    """One image's detections, in file order, as COCO.loadRes prepares them.
+def detection_instances(results: Sequence[dict], sizes: dict, category_index: dict, iou_type: str,
+                        box_branch: bool) -> Instances:
+    """Detections as COCO.loadRes prepares them, in image-id order, file order within an image.
 
     In the box branch (`loads_as_boxes`) every result's area is its box's (w * h), even for segm,
     and a missing segmentation becomes the box polygon; otherwise the area is the mask's.
     """
-    h, w = image["height"], image["width"]
     # evaluate_ap refused unknown categories unless asked to drop them; COCOeval never looks at them.
-    results = [r for r in results if r["category_id"] in category_index]
+    results = sorted((r for r in results if r["category_id"] in category_index), key=lambda r: r["image_id"])
     key = "bbox" if box_branch else "segmentation"
     missing = next((r for r in results if key not in r), None)
     if missing is not None:
         raise SegpipeError(f"a result for image {missing['image_id']} has no '{key}' (the first result has one)")
-    rles = []
-    if box_branch:
-        boxes = [r["bbox"] for r in results]
-        areas = [b[2] * b[3] for b in boxes]
-        if iou_type == "segm":
-            for r, (x, y, bw, bh) in zip(results, boxes):  # loadRes adds the box only where the key is missing
-                segmentation = r["segmentation"] if "segmentation" in r else [[x, y, x, y + bh, x + bw, y + bh, x + bw, y]]
-                rles.append(_rle(segmentation, h, w))
-    else:
-        rles = [_rle(r["segmentation"], h, w) for r in results]
-        areas = [float(a) for a in mask_utils.area(rles)] if rles else []
-        boxes = [r["bbox"] if "bbox" in r else mask_utils.toBbox(rle).tolist() for r, rle in zip(results, rles)]
     n = len(results)
-    return Objects(np.asarray([category_index[r["category_id"]] for r in results], np.int64).reshape(n),
-                   np.asarray(areas, np.float64).reshape(n), np.asarray(boxes, np.float64).reshape(n, 4),
-                   rles if iou_type == "segm" else None, np.zeros(n, bool),
-                   np.asarray([r["score"] for r in results], np.float64).reshape(n), np.ones(n, bool))
+    image = np.fromiter((r["image_id"] for r in results), np.int64, n)
+    masks = None
+    if box_branch:
+        boxes = np.asarray([r["bbox"] for r in results], np.float64).reshape(n, 4)
+        areas = boxes[:, 2] * boxes[:, 3]
+        if iou_type == "segm":  # loadRes adds the box polygon only where the key is missing
+            masks = _masks([r["segmentation"] if "segmentation" in r else _box_polygon(r["bbox"]) for r in results],
+                           image, sizes)
+    else:
+        masks = _masks([r["segmentation"] for r in results], image, sizes)
+        areas = masks.areas.astype(np.float64)
+        boxes = coco_boxes(masks)
+        given = [k for k, r in enumerate(results) if "bbox" in r]
+        if given:
+            boxes[given] = np.asarray([results[k]["bbox"] for k in given], np.float64).reshape(-1, 4)
+    return Instances(image, np.fromiter((category_index[r["category_id"]] for r in results), np.int64, n),
+                     areas, boxes, np.zeros(n, bool), np.fromiter((r["score"] for r in results), np.float64, n),
+                     np.ones(n, bool), masks if iou_type == "segm" else None)
 
 
-# --- datasets ----------------------------------------------------------------------------------
+def _box_polygon(box: Sequence[float]) -> list[list[float]]:
+    x, y, w, h = box
+    return [[x, y, x, y + h, x + w, y + h, x + w, y]]
+
+
+def _masks(segmentations: list, image: np.ndarray, sizes: dict) -> Runs:
+    """Runs of COCO segmentations, as COCO.annToRLE makes them: compressed RLE as is, uncompressed RLE
+    compressed, polygons rasterised by pycocotools (one call per image) and merged, [] an empty mask."""
+    strings: list = [None] * len(segmentations)
+    k = 0
+    while k < len(segmentations):
+        end = k
+        while end < len(segmentations) and image[end] == image[k]:
+            end += 1
+        height, width = sizes[int(image[k])]
+        polygons, owners = [], []
+        for i in range(k, end):
+            segmentation = segmentations[i]
+            if isinstance(segmentation, dict):
+                if isinstance(segmentation["counts"], str):
+                    strings[i] = segmentation["counts"].encode("ascii")
+                else:
+                    strings[i] = mask_utils.frPyObjects(segmentation, height, width)["counts"]
+            elif not segmentation:
+                strings[i] = _empty_counts(height, width)
+            else:
+                polygons += segmentation
+                owners += [i] * len(segmentation)
+        if polygons:
+            _rasterise(polygons, owners, height, width, strings)
+        k = end
+    heights = np.fromiter((sizes[int(i)][0] for i in image), np.int64, len(image))
+    return replace(decode_strings(strings), heights=heights)
+
+
+def _rasterise(polygons: list, owners: list, height: int, width: int, strings: list) -> None:
+    rles = mask_utils.frPyObjects(polygons, height, width)
+    start = 0
+    while start < len(owners):
+        end = start
+        while end < len(owners) and owners[end] == owners[start]:
+            end += 1
+        rle = rles[start] if end - start == 1 else mask_utils.merge(rles[start:end])
+        strings[owners[start]] = rle["counts"]
+        start = end
+
+
+@functools.cache
+def _empty_counts(height: int, width: int) -> bytes:
+    return mask_utils.encode(np.zeros((height, width), np.uint8, order="F"))["counts"]
+
+
+def coco_boxes(masks: Runs) -> np.ndarray:
+    """(n, 4) boxes of masks as pycocotools' toBbox gives them (a run that wraps to the next column makes
+    the box span every row), for results that come without a `bbox`."""
+    return _coco_boxes(masks.lengths, masks.offsets, masks.heights)
+
+
+@numba.njit("f8[:, :](i8[:], i8[:], i8[:])", cache=True, nogil=True)
+def _coco_boxes(lengths, offsets, heights):
+    out = np.zeros((len(offsets) - 1, 4))
+    for i in range(len(offsets) - 1):
+        h, m = heights[i], (offsets[i + 1] - offsets[i]) // 2 * 2
+        if m == 0:
+            continue
+        xs, ys, xe, ye, cc, xp = np.int64(1) << 62, h, np.int64(0), np.int64(0), np.int64(0), np.int64(0)
+        for j in range(m):  # rleToBbox, step for step (uint arithmetic: a -1 wraps around)
+            cc += lengths[offsets[i] + j]
+            t = cc - j % 2
+            if t < 0:
+                t += np.int64(1) << 32
+            y = t % h
+            x = (t - y) // h
+            if j % 2 == 0:
+                xp = x
+            elif xp < x:
+                ys, ye = 0, h - 1
+            xs, xe, ys, ye = min(xs, x), max(xe, x), min(ys, y), max(ye, y)
+        out[i, 0], out[i, 1], out[i, 2], out[i, 3] = xs, ys, xe - xs + 1, ye - ys + 1
+    return out
+
+
+# --- datasets: ground truth as a COCO instances JSON or a dataset table; detections as a COCO results
+# --- JSON or the predictions table ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Shard:
     image_ids: tuple[int, ...]  # sorted, as COCOeval orders images
-    images: dict
-    truths: tuple[list[dict], ...]  # per image, in file order
-    results: tuple[list[dict], ...] | None  # per image, in file order; None: read from the Parquet files
-    parquet: tuple[str, ...]
+    sizes: dict  # image id -> (height, width)
+    truths: tuple[dict, ...] | None  # the shard's annotations (JSON ground truth); None: read from the table
+    results: tuple[dict, ...] | None  # the shard's results (JSON); None: read from the predictions table
+    gt_table: str | None
+    pred_files: tuple[str, ...]
     box_branch: bool
     category_index: dict[int, int]
     iou_type: str
 
 
 @without_cyclic_gc
-def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 1, address: str | None = None,
-                shard_size: int = 100, drop_unknown_categories: bool = False) -> dict:
-    """COCO AP of a results JSON or the predictions Parquet against a COCO instances file.
+def evaluate_ap(gt: str, pred: str, iou_type: str = "segm", workers: int = 1, address: str | None = None,
+                shard_size: int = 500, drop_unknown_categories: bool = False) -> dict:
+    """COCO AP of detections against ground truth, with pycocotools' numbers.
 
-    Per-image statistics are computed in shards of `shard_size` images (in sorted image-id order)
-    and reduced on the driver in that order, so the output does not depend on `workers`.
-    Detections of categories the ground truth lacks are refused, or with `drop_unknown_categories`
-    left out as COCOeval leaves them out; `dropped_detections` in the result counts them.
+    Ground truth: a COCO instances JSON or an instances dataset table (`segpipe convert`); detections: a
+    COCO results JSON or the predictions table (file or folder). Per-image statistics are computed in
+    shards of `shard_size` images (sorted image ids) and added in image order, so the output does not
+    depend on `workers` or `address`. Detections of categories the ground truth lacks are refused, or
+    with `drop_unknown_categories` left out as COCOeval leaves them out (`dropped_detections` counts them).
     """
-    from pipeline.evaluate.runner import map_shards
-    from pipeline.io.fs import read_json
-    from pipeline.io.tables import parquet_files
-
     if iou_type not in ("segm", "bbox"):
         raise SegpipeError(f"--iou-type {iou_type!r}: use segm or bbox")
-    gt = read_json(gt_json)
-    if not isinstance(gt, dict) or not all(isinstance(gt.get(k), list) for k in ("annotations", "categories", "images")):
-        raise SegpipeError(f"{gt_json}: not a COCO instances file (needs 'images', 'annotations', 'categories')")
-    images = {im["id"]: im for im in gt["images"]}
-    category_ids = sorted({c["id"] for c in gt["categories"]})
+    categories, sizes, truths, gt_table = _ground_truth(gt, iou_type)
+    category_ids = sorted({c["id"] for c in categories})
     category_index = {c: i for i, c in enumerate(category_ids)}
-    _check_truths(gt["annotations"], iou_type, gt_json)
-    if iou_type == "segm":
-        _check_sizes(gt["images"], gt_json)
-    parquet = parquet_files(pred)
-    results_by_image: dict[int, list[dict]] = {}
-    if parquet:
-        box_branch = True  # the table's rows carry boxes, as its COCO results export does
-        from pipeline.io.tables import read_columns
-
-        seen, dropped = set(), 0
-        for uri in parquet:
-            columns = read_columns(uri, ["image_id", "category_id", "score"])
-            seen.update(columns["image_id"].to_pylist())
-            _check_scores(columns["score"].to_numpy(), columns["image_id"].to_pylist(), uri)
-            dropped += _unknown_categories(columns["category_id"].to_pylist(), category_index, uri,
-                                           drop_unknown_categories)
-        if not seen:
-            raise SegpipeError(f"{parquet[0]}: the predictions table is empty")
-        _check_images(seen, images, "predictions table")
-    else:
-        results = read_json(pred)
-        if not isinstance(results, list):
-            raise SegpipeError(f"{pred}: not a COCO results file (expected a list of detections)")
-        if not results:
-            raise SegpipeError(f"{pred}: holds no detections")
-        for position, r in enumerate(results):
-            if not isinstance(r, dict) or not {"image_id", "category_id", "score"} <= r.keys():
-                raise SegpipeError(f"{pred}: result {position} lacks image_id, category_id or score")
-            results_by_image.setdefault(r["image_id"], []).append(r)
-        _check_images(set(results_by_image), images, pred)
-        dropped = _unknown_categories([r["category_id"] for r in results], category_index, pred,
-                                      drop_unknown_categories)
-        box_branch = loads_as_boxes(results)
-        if not box_branch and "segmentation" not in results[0]:
-            raise SegpipeError(f"{pred}: results need 'bbox' or 'segmentation'")
-        if iou_type == "segm" or not box_branch:  # the masks are read (in the mask branch, for the areas)
-            for position, r in enumerate(results):
-                problem = _segmentation_problem(r["segmentation"]) if "segmentation" in r else None
-                if problem:
-                    raise SegpipeError(f"{pred}: result {position} (image {r['image_id']}): {problem}")
-    truths_by_image: dict[int, list[dict]] = {}
-    for a in gt["annotations"]:
-        if a.get("category_id") in category_index:
-            truths_by_image.setdefault(a["image_id"], []).append(a)
-    order = sorted(images)
+    results, pred_files, box_branch, dropped = _detections(pred, sizes, category_index, iou_type,
+                                                           drop_unknown_categories)
+    order = sorted(sizes)
+    by_image_truths = _by_image(truths) if truths is not None else None
+    by_image_results = _by_image(results) if results is not None else None
     shards = []
     for start in range(0, len(order), shard_size):
         ids = tuple(order[start:start + shard_size])
-        shards.append(_Shard(ids, {i: images[i] for i in ids},
-                             tuple(truths_by_image.get(i, []) for i in ids),
-                             None if parquet else tuple(results_by_image.get(i, []) for i in ids),
-                             tuple(parquet), box_branch, category_index, iou_type))
-    stats = Statistics.concatenate(map_shards(_evaluate_shard, shards, workers, address), len(category_ids))
-    precision, recall = accumulate(stats, len(category_ids))
+        shards.append(_Shard(ids, {i: sizes[i] for i in ids},
+                             None if truths is None else tuple(a for i in ids for a in by_image_truths.get(i, ())),
+                             None if results is None else tuple(r for i in ids for r in by_image_results.get(i, ())),
+                             gt_table, tuple(pred_files), box_branch, category_index, iou_type))
+    total = Statistics.zeros(len(category_ids))
+    for stats in map_shards(_evaluate_shard, shards, workers, address):
+        total += stats
+    precision, recall = accumulate(total, len(category_ids))
     summary = summarize(precision, recall)
     per_class = {}
     for k, category_id in enumerate(category_ids):
@@ -378,6 +506,79 @@ def evaluate_ap(gt_json: str, pred: str, iou_type: str = "segm", workers: int = 
         per_class[str(category_id)] = dict(zip(STAT_NAMES, values))
     return {"iou_type": iou_type, "stats": summary, **dict(zip(STAT_NAMES, summary)), "per_class": per_class,
             "dropped_detections": dropped}
+
+
+def _by_image(items: list[dict]) -> dict:
+    grouped: dict = {}
+    for item in items:
+        grouped.setdefault(item["image_id"], []).append(item)
+    return grouped
+
+
+def _ground_truth(gt: str, iou_type: str) -> tuple[list[dict], dict, list[dict] | None, str | None]:
+    """Categories, image sizes, and the annotations of a JSON (None for a table, read per shard)."""
+    if is_dataset_table(gt):
+        table = open_dataset_table(gt)
+        if table.kind != "instances":
+            raise SegpipeError(f"{gt}: a table of COCO {table.kind}, not instances (use `segpipe eval pq`)")
+        images = table.images(columns=["image_id", "height", "width"])
+        sizes = dict(zip(images["image_id"].to_pylist(), zip(images["height"].to_pylist(), images["width"].to_pylist())))
+        rows = table.segments(columns=["image_id", "segment_id", "rle"])
+        ids = rows["segment_id"].to_numpy()
+        if len(np.unique(ids)) < len(ids):
+            counts = Counter(ids.tolist())
+            raise SegpipeError(f"{gt}: duplicate annotation ids {', '.join(str(i) for i, n in counts.items() if n > 1)}")
+        if iou_type == "segm" and rows["rle"].null_count:
+            k = int(np.flatnonzero(rows["rle"].is_null().to_numpy(zero_copy_only=False))[0])
+            raise SegpipeError(f"{gt}: image {rows['image_id'][k]}: annotation {ids[k]}: no 'segmentation' "
+                               "(detection-only ground truth: use --iou-type bbox)")
+        return table.categories, sizes, None, gt
+    data = read_json(gt)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("annotations", "categories", "images")):
+        raise SegpipeError(f"{gt}: not a COCO instances file (needs 'images', 'annotations', 'categories')")
+    _check_truths(data["annotations"], iou_type, gt)
+    if iou_type == "segm":
+        _check_sizes(data["images"], gt)
+    sizes = {im["id"]: (im.get("height"), im.get("width")) for im in data["images"]}
+    categories = {c["id"] for c in data["categories"]}
+    return data["categories"], sizes, [a for a in data["annotations"] if a.get("category_id") in categories], None
+
+
+def _detections(pred: str, sizes: dict, category_index: dict, iou_type: str, drop: bool
+                ) -> tuple[list[dict] | None, list[str], bool, int]:
+    """The results of a JSON (None for the predictions table, read per shard), the table's files, whether
+    loadRes takes the box branch, and how many detections of unknown categories were dropped."""
+    files = parquet_files(pred)
+    if files:
+        seen, dropped = set(), 0
+        for uri in files:
+            columns = read_columns(uri, ["image_id", "category_id", "score"])
+            seen.update(columns["image_id"].to_pylist())
+            _check_scores(columns["score"].to_numpy(), columns["image_id"].to_pylist(), uri)
+            dropped += _unknown_categories(columns["category_id"].to_pylist(), category_index, uri, drop)
+        if not seen:
+            raise SegpipeError(f"{files[0]}: the predictions table is empty")
+        _check_images(seen, sizes, "predictions table")
+        return None, files, True, dropped  # the table's rows carry boxes, as its COCO results export does
+    results = read_json(pred)
+    if not isinstance(results, list):
+        raise SegpipeError(f"{pred}: not a COCO results file (expected a list of detections)")
+    if not results:
+        raise SegpipeError(f"{pred}: holds no detections")
+    for position, r in enumerate(results):
+        if not isinstance(r, dict) or not {"image_id", "category_id", "score"} <= r.keys():
+            raise SegpipeError(f"{pred}: result {position} lacks image_id, category_id or score")
+    _check_images({r["image_id"] for r in results}, sizes, pred)
+    dropped = _unknown_categories([r["category_id"] for r in results], category_index, pred, drop)
+    box_branch = loads_as_boxes(results)
+    if not box_branch and "segmentation" not in results[0]:
+        raise SegpipeError(f"{pred}: results need 'bbox' or 'segmentation'")
+    if iou_type == "segm" or not box_branch:  # the masks are read (in the mask branch, for the areas)
+        for position, r in enumerate(results):
+            problem = _segmentation_problem(r["segmentation"]) if "segmentation" in r else None
+            if problem:
+                raise SegpipeError(f"{pred}: result {position} (image {r['image_id']}): {problem}")
+    return results, [], box_branch, dropped
 
 
 def _check_images(seen: set, images: dict, where: str) -> None:
@@ -455,22 +656,39 @@ def _check_scores(scores: np.ndarray, image_ids: list, where: str) -> None:
 
 @without_cyclic_gc
 def _evaluate_shard(shard: _Shard) -> Statistics:
-    results = shard.results
-    if results is None:
-        from pipeline.io.tables import read_predictions
+    if shard.truths is not None:
+        truths = truth_instances(shard.truths, shard.sizes, shard.category_index, shard.iou_type)
+    else:
+        rows = open_dataset_table(shard.gt_table).segments(
+            shard.image_ids, ["image_id", "segment_id", "category_id", "iscrowd", "area", "bbox", "rle", "height"])
+        truths = _table_instances(rows, shard, truth=True)
+    if shard.results is not None:
+        dets = detection_instances(shard.results, shard.sizes, shard.category_index, shard.iou_type, shard.box_branch)
+    else:
+        rows = read_rows(shard.pred_files, shard.image_ids, ["image_id", "category_id", "score", "bbox", "rle", "height"])
+        dets = _table_instances(rows, shard, truth=False)
+    return batch_statistics(truths, dets, shard.iou_type, len(shard.category_index))
 
-        by_image = {p.image_id: p.to_coco_results() for p in read_predictions(shard.parquet, image_ids=shard.image_ids)}
-        results = tuple(by_image.get(i, []) for i in shard.image_ids)
-    n_categories = len(shard.category_index)
-    parts = []
-    for image_id, truths, dets in zip(shard.image_ids, shard.truths, results):
-        if truths or dets:
-            image = shard.images[image_id]
-            parts.append(image_statistics(truth_objects(truths, image, shard.category_index, shard.iou_type),
-                                          detection_objects(dets, image, shard.category_index, shard.iou_type,
-                                                            shard.box_branch),
-                                          shard.iou_type, n_categories))
-    return Statistics.concatenate(parts, n_categories)
+
+def _table_instances(rows: pa.Table, shard: _Shard, truth: bool) -> Instances:
+    """Instances from table rows: masks straight from the RLE strings. Detections take the box branch of
+    loadRes (area = box w * h), as the table's COCO results export would."""
+    category = category_positions(rows["category_id"].to_numpy(), shard.category_index)
+    rows = rows.filter(pa.array(category >= 0))  # unknown categories were refused or are dropped
+    category = category[category >= 0]
+    order = np.argsort(rows["image_id"].to_numpy(), kind="stable")
+    rows, category = rows.take(order), category[order]
+    n = rows.num_rows
+    boxes = rows["bbox"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, 4).astype(np.float64)
+    masks = None
+    if shard.iou_type == "segm":
+        masks = replace(decode_arrow(rows["rle"]), heights=rows["height"].to_numpy().astype(np.int64))
+    if truth:
+        ids = rows["segment_id"].to_numpy()
+        return Instances(rows["image_id"].to_numpy(), category, rows["area"].to_numpy().astype(np.float64), boxes,
+                         rows["iscrowd"].to_numpy(zero_copy_only=False).astype(bool), np.ones(n), ids != 0, masks)
+    return Instances(rows["image_id"].to_numpy(), category, boxes[:, 2] * boxes[:, 3], boxes, np.zeros(n, bool),
+                     rows["score"].to_numpy().astype(np.float64), np.ones(n, bool), masks)
 
 
 def format_table(result: dict) -> str:

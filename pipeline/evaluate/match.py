@@ -37,6 +37,7 @@ class Runs:
     offsets: np.ndarray  # int64, one more than there are masks
     areas: np.ndarray  # foreground pixels of each mask
     totals: np.ndarray  # pixels each mask's runs cover (height * width for a well-formed mask)
+    heights: np.ndarray | None = None  # each mask's height, where a consumer needs rows and columns
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

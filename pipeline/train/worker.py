@@ -204,7 +204,7 @@ def validate(adapter, dataset: Dataset, examples: list[Example], encoded: list, 
     ap_index = {c: i for i, c in enumerate(thing_ids)}
     with_pq = adapter.panoptic and dataset.kind != "instances"
     pq_stats = pq_eval.PQStats.zeros(len(categories))
-    ap_parts: list[tuple[int, ap_eval.Statistics]] = []
+    truths, results, sizes = [], [], {}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         samples = [decode(dataset, e, *encoded[start + k]) for k, e in enumerate(chunk)]
@@ -223,30 +223,27 @@ def validate(adapter, dataset: Dataset, examples: list[Example], encoded: list, 
                                                     dataset.uri)
             else:
                 prediction = adapter.postprocess(raw, example.image_id, example.file_name)
-            results = [r for r in prediction.to_coco_results() if r["category_id"] in ap_index]
-            truths = _instance_truth(dataset, example, sample, ap_index)
-            image = {"height": example.height, "width": example.width}
-            ap_parts.append((example.image_id, ap_eval.image_statistics(
-                ap_eval.truth_objects(truths, image, ap_index, "segm"),
-                ap_eval.detection_objects(results, image, ap_index, "segm", box_branch=True),
-                "segm", len(thing_ids))))
+            results += [r for r in prediction.to_coco_results() if r["category_id"] in ap_index]
+            truths += _instance_truth(dataset, example, sample, ap_index)
+            sizes[example.image_id] = (example.height, example.width)
+    # `segpipe eval ap`'s own entry points: the same reading, matching and statistics.
+    ap_stats = ap_eval.batch_statistics(ap_eval.truth_instances(truths, sizes, ap_index, "segm"),
+                                        ap_eval.detection_instances(results, sizes, ap_index, "segm", box_branch=True),
+                                        "segm", len(thing_ids))
     if world > 1:
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (pq_stats, ap_parts))
-        pq_stats = pq_eval.PQStats.zeros(len(categories))
-        ap_parts = []
-        for stats, parts in gathered:
-            pq_stats += stats
-            ap_parts += parts
+        dist.all_gather_object(gathered, (pq_stats, ap_stats))
+        pq_stats, ap_stats = pq_eval.PQStats.zeros(len(categories)), ap_eval.Statistics.zeros(len(thing_ids))
+        for pq_part, ap_part in gathered:  # both add in any order: exact sums, and merges in image-id order
+            pq_stats += pq_part
+            ap_stats += ap_part
     metrics: dict = {}
     if with_pq:
         summary = pq_eval.summarize(pq_stats, categories)
         metrics.update(pq=summary["All"]["pq"], pq_things=summary["Things"]["pq"], pq_stuff=summary["Stuff"]["pq"],
                        sq=summary["All"]["sq"], rq=summary["All"]["rq"])
     if thing_ids:
-        ap_parts.sort(key=lambda part: part[0])  # COCOeval's image order
-        stats = ap_eval.Statistics.concatenate([part for _, part in ap_parts], len(thing_ids))
-        figures = ap_eval.summarize(*ap_eval.accumulate(stats, len(thing_ids)))
+        figures = ap_eval.summarize(*ap_eval.accumulate(ap_stats, len(thing_ids)))
         metrics.update(ap=figures[0], ap50=figures[1])
     return metrics
 
@@ -264,12 +261,12 @@ def _instance_truth(dataset: Dataset, example: Example, sample: Sample, ap_index
     """Thing ground truth as COCO instances: the file's annotations, or the thing segments of a panoptic
     map (panopticapi's panoptic-to-detection conversion: mask, box and area from the segment)."""
     if dataset.kind == "instances":
-        return [a for a in example.segments if a["category_id"] in ap_index]
+        return [{**a, "image_id": example.image_id} for a in example.segments if a["category_id"] in ap_index]
     truths = []
     for segment in sample.segments:
         if segment["category_id"] in ap_index:
             rle = Rle.from_mask(np.asfortranarray(sample.ids == segment["id"]))
-            truths.append({"id": segment["id"], "category_id": segment["category_id"],
+            truths.append({"id": segment["id"], "image_id": example.image_id, "category_id": segment["category_id"],
                            "iscrowd": segment.get("iscrowd", 0), "area": rle.area(), "bbox": list(rle.bbox()),
                            "segmentation": rle.to_coco()})
     return truths
