@@ -108,15 +108,16 @@ def convert(
     png_dir: Annotated[Optional[str], typer.Option(help="Panoptic PNG folder of SRC, or of OUT from a table (default: the JSON path without .json).")] = None,
     images: Annotated[Optional[str], typer.Option(help="Image folder: the table records each image's URI in it.")] = None,
     row_group_images: Annotated[int, typer.Option(min=1, help="Images per Parquet row group; a shard of images reads only its row groups.")] = 1000,
+    gt: Annotated[Optional[str], typer.Option(help="SRC is a COCO results file on this ground truth: write OUT as a predictions table.")] = None,
 ) -> None:
-    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly.
+    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly; a results file to a predictions table.
 
     Example: segpipe convert annotations/panoptic_val2017.json s3://bucket/val-table --images val2017
     """
     from pipeline import convert as convert_stage
 
     start = time.perf_counter()
-    done = convert_stage.convert(src, out, png_dir=png_dir, images_dir=images, row_group_images=row_group_images)
+    done = convert_stage.convert(src, out, png_dir=png_dir, images_dir=images, row_group_images=row_group_images, gt=gt)
     typer.echo(f"wrote {done.out}: COCO {done.kind}, {done.images} images, {done.segments} segments "
                f"in {time.perf_counter() - start:.1f} s")
 
