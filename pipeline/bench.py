@@ -150,20 +150,21 @@ def _line(row: dict) -> str:
 def table(report: dict) -> str:
     """The rows as a fixed-width table; speeds are the other tool's median seconds over the row's."""
     lines = [f"{'task':4} {'shape':5} {'iou':4} {'tool':16} {'input':15} {'w':>2} {'seconds':>8} {'img/s':>8} "
-             f"{'peak MB':>7} {'vs ref':>7} {'vs hot':>7} {'max diff':>8}"]
+             f"{'cpu s':>7} {'peak MB':>7} {'vs ref':>7} {'vs hot':>7} {'max diff':>8}"]
     for r in report["rows"]:
         name = f"{r['task']:4} {r['shape']:5} {r['iou_type'] or '':4} {r['tool']:16} {r['input']:15} {r['workers']:>2}"
         if r["numbers"] is None:
-            lines.append(f"{name} FAILED: {r['error'][:80]}")
+            lines.append(f"{name} FAILED: {r['error'].split(': ', 1)[-1][:90]}")
             continue
         reference = CASES[r["task"]][0][0]
         vs_ref = r.get(f"speed_vs_{reference}")
         vs_hot = r.get("speed_vs_hotcoco") if r["task"] == "ap" else None
-        lines.append(f"{name} {r['seconds']:8.3f} {r['images_per_s']:8.1f} {r['peak_rss_mb']:7.0f} "
+        lines.append(f"{name} {r['seconds']:8.3f} {r['images_per_s']:8.1f} {r['cpu_seconds']:7.3f} {r['peak_rss_mb']:7.0f} "
                      f"{_x(vs_ref)} {_x(vs_hot)} {r.get('max_abs_diff', float('nan')):8.1e}"
                      + ("  MISMATCH" if r.get("mismatch") else ""))
     lines.append("(vs ref: speed against pycocotools for AP, hotcoco for PQ, torchmetrics for mIoU; vs hot: against "
-                 "hotcoco's AP; max diff: of the numbers, against the reference's)")
+                 "hotcoco's AP; cpu s: CPU time of all the process's threads, above seconds where a tool used more than one of "
+                 f"the {len(report['cpus'])} pinned cores; max diff: of the numbers, against the reference's)")
     lines += [f"target {t['target']} ({t['shape']}{' ' + t['iou_type'] if t['iou_type'] else ''}): "
               f"{t['speed']:.1f}x, at least {t['at_least']:.0f}x: {'met' if t['met'] else 'NOT MET'}"
               for t in report["targets"]]
