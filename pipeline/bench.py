@@ -34,7 +34,8 @@ MISMATCH = 1e-9  # numbers further than this from the reference's are flagged
 TARGETS = [  # (what, task, tool, input, against, at least): the "Done means"
     ("PQ from tables vs hotcoco's PNG path", "pq", "segpipe", "tables", "hotcoco", 3.0),
     ("AP from JSON vs pycocotools", "ap", "segpipe", "json", "pycocotools", 10.0),
-    ("AP from tables vs pycocotools", "ap", "segpipe", "json+pred-table", "pycocotools", 10.0),
+    ("AP from a predictions table vs pycocotools", "ap", "segpipe", "json+pred-table", "pycocotools", 10.0),
+    ("AP from tables (GT too) vs pycocotools", "ap", "segpipe", "tables", "pycocotools", 10.0),
 ]
 
 
