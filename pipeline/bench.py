@@ -1,9 +1,10 @@
-"""`segpipe bench eval`: segpipe's PQ and AP against the reference tools, side by side in one run.
+"""`segpipe bench eval`: segpipe's AP, PQ and mIoU against the reference tools, like for like, in one run.
 
-Each measurement runs in a fresh Python process (so peak memory is that tool's alone), timed from
-reading the inputs to having the numbers; imports are not timed. The median of `repeat` runs is
-reported, with every tool's numbers checked against the reference (pycocotools for AP, hotcoco's
-panopticapi port for PQ).
+Every measurement runs in a fresh Python process pinned to the same cores: its imports happen before
+the clock, reading the input files is inside it, and it stops when the numbers are in hand. The
+median of `repeat` runs is reported with each row's numbers checked against the reference tool's
+(pycocotools for AP, hotcoco's panopticapi port for PQ, torchmetrics for mIoU). The inputs are
+described in `pipeline.bench_data`.
 """
 
 from __future__ import annotations
@@ -19,74 +20,204 @@ import sys
 import time
 from pathlib import Path
 
-AP_TOOLS = ("pycocotools", "faster-coco-eval", "hotcoco", "segpipe")
-PQ_TOOLS = ("hotcoco", "segpipe", "segpipe-parquet")
+from pipeline.bench_data import SHAPES, prepare_instances, prepare_panoptic
+
+# (tool, input) per task; the first is the reference the numbers are checked against.
+CASES = {
+    "ap": [("pycocotools", "json"), ("faster-coco-eval", "json"), ("hotcoco", "json"), ("segpipe", "json"),
+           ("segpipe", "json+pred-table"), ("segpipe", "tables")],
+    "pq": [("hotcoco", "png"), ("segpipe", "png"), ("segpipe", "png+pred-table"), ("segpipe", "tables")],
+    "miou": [("torchmetrics", "label-png"), ("segpipe", "label-png"), ("segpipe", "panoptic")],
+}
+SPEED_AGAINST = {"ap": ("pycocotools", "hotcoco"), "pq": ("hotcoco",), "miou": ("torchmetrics",)}
+MISMATCH = 1e-9  # numbers further than this from the reference's are flagged
+TARGETS = [  # (what, task, tool, input, against, at least): the issue's "Done means"
+    ("PQ from tables vs hotcoco's PNG path", "pq", "segpipe", "tables", "hotcoco", 3.0),
+    ("AP from JSON vs pycocotools", "ap", "segpipe", "json", "pycocotools", 10.0),
+    ("AP from a predictions table vs pycocotools", "ap", "segpipe", "json+pred-table", "pycocotools", 10.0),
+    ("AP from tables (GT too) vs pycocotools", "ap", "segpipe", "tables", "pycocotools", 10.0),
+]
 
 
-def prepare(data: Path, images: int, height: int, width: int, seed: int = 0) -> dict:
-    """Synthetic COCO-val-shaped data (made once, reused): GT, AP results, PQ predictions."""
-    import numpy as np
-
-    from pipeline.synth import SynthConfig, perturb_instances, write_dataset, write_perturbed_panoptic
-
-    paths = {"instances": data / "annotations" / "instances_val.json",
-             "panoptic": data / "annotations" / "panoptic_val.json",
-             "results": data / "results_val.json",
-             "panoptic_pred": data / "predictions" / "panoptic_pred.json",
-             "parquet": data / "predictions" / "table"}
-    marker = data / "ready.json"
-    wanted = {"images": images, "height": height, "width": width, "seed": seed}
-    if marker.exists() and json.loads(marker.read_text()) == wanted:
-        return paths
-    write_dataset(str(data), SynthConfig(images=images, split="val", seed=seed, height=height, width=width,
-                                         workers=os.cpu_count() or 1))
-    gt = json.loads(paths["instances"].read_text())
-    results = perturb_instances(gt, np.random.default_rng(seed), fill_to=100)
-    paths["results"].write_text(json.dumps(results))
-    write_perturbed_panoptic(str(paths["panoptic"]), str(paths["panoptic_pred"]), seed)
-    _panoptic_table(paths["panoptic_pred"], paths["parquet"])
-    marker.write_text(json.dumps(wanted))
-    return paths
+def plan(tasks: list[str], shapes: list[str], workers: list[int], tools: set[str] | None = None) -> list[dict]:
+    """The measurements: task entries are ap (every shape), ap-SHAPE, pq or miou. Reference tools are always kept."""
+    specs = []
+    for entry in tasks:
+        task, _, shape = entry.partition("-")
+        if task not in CASES or (shape and shape not in SHAPES):
+            raise ValueError(f"--tasks {entry!r}: use ap, {', '.join('ap-' + s for s in SHAPES)}, pq or miou")
+        variants = ([(s, iou) for s in ([shape] if shape else shapes) for iou in ("segm", "bbox")] if task == "ap"
+                    else [("synth", None)])
+        for shape_name, iou_type in variants:
+            for k, (tool, kind) in enumerate(CASES[task]):
+                if k and tools is not None and tool not in tools and f"{tool}:{kind}" not in tools:
+                    continue
+                for w in workers if tool == "segpipe" else [1]:
+                    specs.append({"task": task, "shape": shape_name, "iou_type": iou_type, "tool": tool,
+                                  "input": kind, "workers": w})
+    return specs
 
 
-def _panoptic_table(pred_json: Path, out: Path, images_per_file: int = 500) -> None:
-    """The panoptic predictions as the project's Parquet table (RLE rows, no PNGs)."""
-    from pipeline.io.tables import write_predictions
-    from pipeline.structures import ImagePrediction, decode_panoptic_png
-
-    data = json.loads(pred_json.read_text())
-    folder = pred_json.with_suffix("")
-    batch = []
-    for index, a in enumerate(data["annotations"]):
-        ids = decode_panoptic_png((folder / a["file_name"]).read_bytes(), a["file_name"])
-        batch.append(ImagePrediction.from_panoptic(a["image_id"], a["file_name"], ids, a["segments_info"]))
-        if len(batch) == images_per_file or index == len(data["annotations"]) - 1:
-            write_predictions(str(out / f"part-{index // images_per_file:05d}.parquet"), batch, "bench", "perturb")
-            batch = []
-
-
-def measure(task: str, tool: str, paths: dict, workers: int) -> dict:
-    """One run in this process: seconds and the resulting numbers. Imports happen before the clock."""
-    _import(tool)
+def run(data: Path, images: int, height: int, width: int, repeat: int, workers: list[int], out: Path | None,
+        tasks: list[str] = ("ap", "pq", "miou"), shapes: list[str] = tuple(SHAPES), tools: set[str] | None = None,
+        echo=print) -> dict:
+    """Prepare the data, run every planned measurement `repeat` times in fresh processes, report medians."""
+    specs = plan(list(tasks), list(shapes), workers, tools)
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        if task.startswith("ap-"):
-            numbers = _ap(tool, task[3:], str(paths["instances"]), str(paths["results"]), workers)
+    paths = {}
+    for shape in sorted({s["shape"] for s in specs if s["task"] == "ap"}):
+        paths[shape] = prepare_instances(data / f"instances-{shape}", shape, images, height, width)
+    if any(s["task"] in ("pq", "miou") for s in specs):
+        paths["synth"] = prepare_panoptic(data / "panoptic", images, height, width)
+    echo(f"data ready in {time.perf_counter() - start:.0f} s: {images} images of {height}x{width} in {data}")
+    cpus = sorted(os.sched_getaffinity(0))
+    _warm_up(specs, paths, cpus)
+    rows = []
+    for spec in specs:
+        runs = [_child(spec, paths[spec["shape"]], cpus) for _ in range(repeat)]
+        rows.append(_row(spec, runs, images))
+        echo(_line(rows[-1]))
+    compare(rows)
+    report = {"images": images, "size": [height, width], "repeat": repeat, "cpus": cpus,
+              "python": sys.version.split()[0], "rows": rows, "targets": targets(rows)}
+    if out:
+        out.write_text(json.dumps(report, indent=1))
+    echo(table(report))
+    return report
+
+
+def _warm_up(specs: list[dict], paths: dict, cpus: list[int]) -> None:
+    """One untimed segpipe run per (task, input): numba compiles its kernels into its on-disk cache on first
+    use, once per install, and a timed run then loads them (inside the clock, as every real run does)."""
+    seen = set()
+    for spec in specs:
+        if spec["tool"] == "segpipe" and (spec["task"], spec["input"]) not in seen:
+            seen.add((spec["task"], spec["input"]))
+            _child(spec, paths[spec["shape"]], cpus)
+
+
+def _row(spec: dict, runs: list[dict], images: int) -> dict:
+    failed = next((r["error"] for r in runs if "error" in r), None)
+    row = {**spec, "images": images}
+    if failed:
+        return {**row, "error": failed, "numbers": None}
+    seconds = statistics.median(r["seconds"] for r in runs)
+    return {**row, "seconds": seconds, "runs_seconds": [r["seconds"] for r in runs], "images_per_s": images / seconds,
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "numbers": runs[0]["numbers"]}
+
+
+def compare(rows: list[dict]) -> None:
+    """Adds speed_vs_TOOL (that tool's median seconds / the row's) and max_abs_diff against the reference."""
+    def group(row):
+        return row["task"], row["shape"], row["iou_type"]
+
+    for row in rows:
+        if row["numbers"] is None:
+            continue
+        for tool in SPEED_AGAINST[row["task"]]:
+            other = next((r for r in rows if group(r) == group(row) and r["tool"] == tool and r["numbers"] is not None), None)
+            if other is not None:
+                row[f"speed_vs_{tool}"] = other["seconds"] / row["seconds"]
+        reference_tool, reference_input = CASES[row["task"]][0]
+        reference = next((r for r in rows if group(r) == group(row) and r["tool"] == reference_tool
+                          and r["input"] == reference_input and r["numbers"] is not None), None)
+        if reference is not None:
+            row["reference"] = reference_tool
+            row["max_abs_diff"] = max(abs(a - b) for a, b in zip(row["numbers"], reference["numbers"]))
+            row["mismatch"] = len(row["numbers"]) != len(reference["numbers"]) or row["max_abs_diff"] > MISMATCH
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, each checked on every shape and IoU type it was measured on (workers 1)."""
+    found = []
+    for what, task, tool, kind, against, least in TARGETS:
+        for row in rows:
+            if (row["task"], row["tool"], row["input"], row["workers"]) == (task, tool, kind, 1) and row["numbers"]:
+                speed = row.get(f"speed_vs_{against}")
+                if speed is not None:
+                    found.append({"target": what, "shape": row["shape"], "iou_type": row["iou_type"],
+                                  "speed": speed, "at_least": least, "met": speed >= least})
+    return found
+
+
+def _line(row: dict) -> str:
+    name = f"{row['task']:4} {row['shape']:5} {row['iou_type'] or '':4} {row['tool']:16} {row['input']:15} w={row['workers']}"
+    if row["numbers"] is None:
+        return f"{name}  FAILED: {row['error']}"
+    return f"{name}  {row['seconds']:7.2f} s  (cpu {row['cpu_seconds']:6.2f} s)  {row['peak_rss_mb']:6.0f} MB"
+
+
+def table(report: dict) -> str:
+    """The rows as a fixed-width table; speeds are the other tool's median seconds over the row's."""
+    lines = [f"{'task':4} {'shape':5} {'iou':4} {'tool':16} {'input':15} {'w':>2} {'seconds':>8} {'img/s':>8} "
+             f"{'cpu s':>7} {'peak MB':>7} {'vs ref':>7} {'vs hot':>7} {'max diff':>8}"]
+    for r in report["rows"]:
+        name = f"{r['task']:4} {r['shape']:5} {r['iou_type'] or '':4} {r['tool']:16} {r['input']:15} {r['workers']:>2}"
+        if r["numbers"] is None:
+            lines.append(f"{name} FAILED: {r['error'].split(': ', 1)[-1][:90]}")
+            continue
+        reference = CASES[r["task"]][0][0]
+        vs_ref = r.get(f"speed_vs_{reference}")
+        vs_hot = r.get("speed_vs_hotcoco") if r["task"] == "ap" else None
+        lines.append(f"{name} {r['seconds']:8.3f} {r['images_per_s']:8.1f} {r['cpu_seconds']:7.3f} {r['peak_rss_mb']:7.0f} "
+                     f"{_x(vs_ref)} {_x(vs_hot)} {r.get('max_abs_diff', float('nan')):8.1e}"
+                     + ("  MISMATCH" if r.get("mismatch") else ""))
+    lines.append("(vs ref: speed against pycocotools for AP, hotcoco for PQ, torchmetrics for mIoU; vs hot: against "
+                 "hotcoco's AP; cpu s: CPU time of all the process's threads, above seconds where a tool used more than one of "
+                 f"the {len(report['cpus'])} pinned cores; max diff: of the numbers, against the reference's)")
+    lines += [f"target {t['target']} ({t['shape']}{' ' + t['iou_type'] if t['iou_type'] else ''}): "
+              f"{t['speed']:.1f}x, at least {t['at_least']:.0f}x: {'met' if t['met'] else 'NOT MET'}"
+              for t in report["targets"]]
+    return "\n".join(lines)
+
+
+def _x(speed: float | None) -> str:
+    return f"{speed:6.2f}x" if speed is not None else f"{'-':>7}"
+
+
+# --- one measurement, in a fresh process ------------------------------------------------------------
+
+
+def _child(spec: dict, paths: dict, cpus: list[int]) -> dict:
+    """Run one measurement in a fresh interpreter on `cpus`; a failure is recorded, not raised."""
+    arguments = json.dumps({**spec, "paths": {k: str(v) for k, v in paths.items()}, "cpus": cpus})
+    done = subprocess.run([sys.executable, "-m", "pipeline.bench", arguments], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        return {"error": lines[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(spec: dict) -> dict:
+    """One run in this process: seconds from reading the inputs to the numbers, and peak memory."""
+    os.sched_setaffinity(0, spec["cpus"])
+    paths = spec["paths"]
+    _import(spec["task"], spec["tool"])
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools and hotcoco print their summaries
+        if spec["task"] == "ap":
+            numbers = _ap(spec["tool"], spec["input"], spec["iou_type"], paths, spec["workers"])
+        elif spec["task"] == "pq":
+            numbers = _pq(spec["tool"], spec["input"], paths, spec["workers"])
         else:
-            numbers = _pq(tool, str(paths["panoptic"]), str(paths["panoptic_pred"]), str(paths["parquet"]), workers)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "numbers": [float(v) for v in numbers]}
+            numbers = _miou(spec["tool"], spec["input"], paths, spec["workers"])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": _peak_rss_mb(),
+            "numbers": [float(v) for v in numbers]}
 
 
-def _import(tool: str) -> None:
-    if tool.startswith("segpipe"):
-        import pipeline.evaluate.ap, pipeline.evaluate.pq, pipeline.evaluate.runner, pipeline.io.tables  # noqa: E401, F401
+def _import(task: str, tool: str) -> None:
+    if tool == "segpipe":
+        import pipeline.evaluate.ap, pipeline.evaluate.miou, pipeline.evaluate.pq, pipeline.io.tables  # noqa: E401, F401
     elif tool == "pycocotools":
         import pycocotools.coco, pycocotools.cocoeval  # noqa: E401, F401
     elif tool == "faster-coco-eval":
         import faster_coco_eval  # noqa: F401
+    elif tool == "torchmetrics":
+        import PIL.Image, torch, torchmetrics.classification  # noqa: E401, F401
     else:
-        import hotcoco.panoptic  # noqa: F401
+        import hotcoco, hotcoco.panoptic  # noqa: E401, F401
 
 
 def _peak_rss_mb() -> float:
@@ -97,11 +228,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _ap(tool: str, iou_type: str, gt: str, results: str, workers: int) -> list[float]:
+def _ap(tool: str, kind: str, iou_type: str, paths: dict, workers: int) -> list[float]:
     if tool == "segpipe":
         from pipeline.evaluate.ap import evaluate_ap
 
-        return evaluate_ap(gt, results, iou_type, workers=workers)["stats"]
+        gt = paths["gt_table"] if kind == "tables" else paths["instances"]
+        pred = paths["results"] if kind == "json" else paths["pred_table"]
+        return evaluate_ap(gt, pred, iou_type, workers=workers)["stats"]
     if tool == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -110,78 +243,75 @@ def _ap(tool: str, iou_type: str, gt: str, results: str, workers: int) -> list[f
         from faster_coco_eval import COCOeval_faster as COCOeval
     else:
         from hotcoco import COCO, COCOeval
-    coco = COCO(gt)
-    evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+    coco = COCO(paths["instances"])
+    evaluator = COCOeval(coco, coco.loadRes(paths["results"]), iou_type)
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
     return list(evaluator.stats)
 
 
-def _pq(tool: str, gt: str, pred: str, parquet: str, workers: int) -> list[float]:
+def _pq(tool: str, kind: str, paths: dict, workers: int) -> list[float]:
     if tool == "hotcoco":
         from hotcoco import panoptic
 
-        result = panoptic.pq_compute(gt, pred)
+        result = panoptic.pq_compute(paths["panoptic"], paths["panoptic_pred"])
     else:
         from pipeline.evaluate.pq import evaluate_pq
 
-        result = evaluate_pq(gt, parquet if tool == "segpipe-parquet" else pred, workers=workers)
+        gt = paths["panoptic_gt_table"] if kind == "tables" else paths["panoptic"]
+        pred = paths["panoptic_pred"] if kind == "png" else paths["panoptic_pred_table"]
+        result = evaluate_pq(gt, pred, workers=workers)
     return [result[g][m] for g in ("All", "Things", "Stuff") for m in ("pq", "sq", "rq")]
 
 
-def run(data: Path, images: int, height: int, width: int, repeat: int, workers: list[int], out: Path | None,
-        echo=print) -> dict:
-    """Prepare the data, run every (task, tool, workers) `repeat` times in fresh processes, report medians."""
-    start = time.perf_counter()
-    paths = prepare(data, images, height, width)
-    echo(f"data ready in {time.perf_counter() - start:.0f} s: {images} images of {height}x{width} in {data}")
-    plan = [(f"ap-{t}", tool, w) for t in ("segm", "bbox") for tool in AP_TOOLS for w in (workers if tool == "segpipe" else [1])]
-    plan += [("pq", tool, w) for tool in PQ_TOOLS for w in (workers if tool.startswith("segpipe") else [1])]
-    rows = []
-    for task, tool, w in plan:
-        runs = [_child(task, tool, paths, w) for _ in range(repeat)]
-        row = {"task": task, "tool": tool, "workers": w, "images": images,
-               "seconds": statistics.median(r["seconds"] for r in runs),
-               "runs_seconds": [r["seconds"] for r in runs],
-               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "numbers": runs[0]["numbers"]}
-        row["images_per_s"] = images / row["seconds"]
-        rows.append(row)
-        echo(f"{task:8} {tool:17} workers={w}  {row['seconds']:7.2f} s  {row['images_per_s']:7.1f} img/s  "
-             f"{row['peak_rss_mb']:6.0f} MB")
-    for task in {r["task"] for r in rows}:
-        reference_tool = "pycocotools" if task.startswith("ap-") else "hotcoco"
-        reference = next(r for r in rows if r["task"] == task and r["tool"] == reference_tool)
-        for r in rows:
-            if r["task"] == task:
-                r["speed_vs_" + reference_tool] = reference["seconds"] / r["seconds"]
-                r["max_abs_diff_vs_" + reference_tool] = max(abs(a - b) for a, b in zip(r["numbers"], reference["numbers"]))
-    report = {"images": images, "size": [height, width], "repeat": repeat, "cpus": os.cpu_count(), "rows": rows}
-    if out:
-        out.write_text(json.dumps(report, indent=1))
-    echo(table(report))
-    return report
+def _miou(tool: str, kind: str, paths: dict, workers: int) -> list[float]:
+    if tool == "torchmetrics":
+        return _torchmetrics_miou(Path(paths["labels_gt"]), Path(paths["labels_pred"]), Path(paths["classes"]))
+    from pipeline.evaluate.miou import evaluate_miou
+
+    if kind == "panoptic":
+        result = evaluate_miou(paths["panoptic"], paths["panoptic_pred"], workers=workers)
+    else:
+        result = evaluate_miou(paths["labels_gt"], paths["labels_pred"], classes=paths["classes"], workers=workers)
+    return [result[k] for k in ("mIoU", "fwIoU", "aAcc", "mAcc")]
 
 
-def table(report: dict) -> str:
-    lines = [f"{'task':8} {'tool':17} {'workers':>7} {'seconds':>8} {'img/s':>8} {'peak MB':>8} {'speed x':>8} {'max diff':>9}"]
-    for r in report["rows"]:
-        speed = r.get("speed_vs_pycocotools", r.get("speed_vs_hotcoco"))
-        diff = r.get("max_abs_diff_vs_pycocotools", r.get("max_abs_diff_vs_hotcoco"))
-        lines.append(f"{r['task']:8} {r['tool']:17} {r['workers']:>7} {r['seconds']:8.2f} {r['images_per_s']:8.1f} "
-                     f"{r['peak_rss_mb']:8.0f} {speed:8.2f} {diff:9.1e}")
-    return "\n".join(lines) + "\n(speed x: against pycocotools for AP, hotcoco for PQ; max diff: of the reported numbers)"
+def _torchmetrics_miou(gt_dir: Path, pred_dir: Path, classes: Path) -> list[float]:
+    """MulticlassJaccardIndex over the label PNGs; the means in float64 from its (exact, integer) confusion matrix.
 
+    A predicted VOID pixel (255) becomes an extra class K, so that it counts against the ground truth's
+    class as in segpipe (torchmetrics has no VOID prediction). torchmetrics' own float32 mIoU is checked
+    against the float64 one.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchmetrics.classification import MulticlassJaccardIndex
 
-def _child(task: str, tool: str, paths: dict, workers: int) -> dict:
-    arguments = json.dumps({"task": task, "tool": tool, "workers": workers, "paths": {k: str(v) for k, v in paths.items()}})
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench", arguments], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{task} with {tool} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    k = len(json.loads(classes.read_text()))
+    metric = MulticlassJaccardIndex(num_classes=k + 1, average="macro", ignore_index=255)
+    for gt_png in sorted(gt_dir.glob("*.png")):
+        gt = np.asarray(Image.open(gt_png), np.int64)
+        pred = np.asarray(Image.open(pred_dir / gt_png.name), np.int64).copy()
+        pred[pred == 255] = k
+        metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
+    own = float(metric.compute())
+    matrix = metric.confmat.double().numpy()[:k]  # rows: ground truth (never K); columns: K classes + VOID
+    tp = np.diagonal(matrix[:, :k])
+    gt_pixels, predicted = matrix.sum(axis=1), matrix[:, :k].sum(axis=0)
+    union = gt_pixels + predicted - tp
+    scored = union > 0
+    iou = tp[scored] / union[scored]
+    total = gt_pixels.sum()
+    numbers = [float(iou.mean()), float((gt_pixels[scored] / total * iou).sum()), float(tp.sum() / total),
+               float((tp[gt_pixels > 0] / gt_pixels[gt_pixels > 0]).mean())]
+    full = metric.confmat.double().numpy()  # torchmetrics' macro mean counts class K (VOID) at IoU 0 where predicted
+    full_union = full.sum(axis=0) + full.sum(axis=1) - np.diagonal(full)
+    if abs(own - float(np.mean(np.diagonal(full)[full_union > 0] / full_union[full_union > 0]))) > 1e-5:
+        raise RuntimeError(f"torchmetrics' own mIoU {own} differs from {numbers[0]}")
+    return numbers
 
 
 if __name__ == "__main__":  # one measurement, in a fresh process (see _child)
-    spec = json.loads(sys.argv[1])
-    result = measure(spec["task"], spec["tool"], {k: Path(v) for k, v in spec["paths"].items()}, spec["workers"])
-    print(json.dumps(result))
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

@@ -108,15 +108,16 @@ def convert(
     png_dir: Annotated[Optional[str], typer.Option(help="Panoptic PNG folder of SRC, or of OUT from a table (default: the JSON path without .json).")] = None,
     images: Annotated[Optional[str], typer.Option(help="Image folder: the table records each image's URI in it.")] = None,
     row_group_images: Annotated[int, typer.Option(min=1, help="Images per Parquet row group; a shard of images reads only its row groups.")] = 1000,
+    gt: Annotated[Optional[str], typer.Option(help="SRC is a COCO results file on this ground truth: write OUT as a predictions table.")] = None,
 ) -> None:
-    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly.
+    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly; a results file to a predictions table.
 
     Example: segpipe convert annotations/panoptic_val2017.json s3://bucket/val-table --images val2017
     """
     from pipeline import convert as convert_stage
 
     start = time.perf_counter()
-    done = convert_stage.convert(src, out, png_dir=png_dir, images_dir=images, row_group_images=row_group_images)
+    done = convert_stage.convert(src, out, png_dir=png_dir, images_dir=images, row_group_images=row_group_images, gt=gt)
     typer.echo(f"wrote {done.out}: COCO {done.kind}, {done.images} images, {done.segments} segments "
                f"in {time.perf_counter() - start:.1f} s")
 
@@ -297,20 +298,26 @@ def eval_miou(
 @bench_app.command("eval")
 @_user_errors
 def bench_eval(
-    data: Annotated[str, typer.Option(help="Folder for the synthetic data (made once, then reused).")] = "bench-data",
-    images: Annotated[int, typer.Option(min=1, help="Images (COCO val has 5,000).")] = 5000,
+    data: Annotated[str, typer.Option(help="Folder for the benchmark data (made once, then reused).")] = "bench-data",
+    images: Annotated[int, typer.Option(min=1, help="Images per data set (COCO val has 5,000).")] = 1000,
     size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "480x640",
+    tasks: Annotated[str, typer.Option(help="Comma-separated: ap (every shape), ap-few, ap-many, pq, miou.")] = "ap,pq,miou",
+    shapes: Annotated[str, typer.Option(help="AP data shapes: few (~4 GT, ~6 detections an image), many (up to 80, tied scores).")] = "few,many",
     repeat: Annotated[int, typer.Option(min=1, help="Runs per measurement; the median is reported.")] = 3,
-    workers: Annotated[str, typer.Option(help="segpipe worker counts to measure, comma-separated.")] = "1,2",
+    workers: Annotated[str, typer.Option(help="segpipe worker counts, comma-separated (the other tools run once, on 1).")] = "1",
     out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-eval.json",
 ) -> None:
-    """PQ and AP: segpipe against pycocotools, faster-coco-eval and hotcoco on COCO-val-shaped data."""
+    """AP, PQ and mIoU: segpipe against pycocotools, faster-coco-eval, hotcoco and torchmetrics, each in a fresh process."""
     from pathlib import Path
 
     from pipeline.bench import run
 
     height, width = _size(size)
-    run(Path(data), images, height, width, repeat, _counts(workers, "--workers"), Path(out), echo=typer.echo)
+    try:
+        run(Path(data), images, height, width, repeat, _counts(workers, "--workers"), Path(out),
+            tasks=tasks.split(","), shapes=shapes.split(","), echo=typer.echo)
+    except ValueError as error:
+        raise SegpipeError(str(error)) from None
     typer.echo(f"report: {out}")
 
 

@@ -36,8 +36,11 @@ class Converted:
 
 
 def convert(src: str, out: str, png_dir: str | None = None, images_dir: str | None = None,
-            row_group_images: int = 1000) -> Converted:
-    """A COCO file to a dataset table folder, or a dataset table folder to a COCO file (the direction from SRC)."""
+            row_group_images: int = 1000, gt: str | None = None) -> Converted:
+    """A COCO file to a dataset table folder, or a dataset table folder to a COCO file (the direction from SRC);
+    with `gt`, SRC is a COCO results file and OUT its predictions table."""
+    if gt is not None:
+        return results_to_predictions(src, gt, out, row_group_images)
     if is_dataset_table(src):
         return table_to_coco(src, out, png_dir)
     return coco_to_table(src, out, png_dir, images_dir, row_group_images)
@@ -276,6 +279,63 @@ def _chunk(src: str, rows: list[tuple[dict, list[dict]]], images_dir: str | None
                 pa.Table.from_pylist(segment_rows, schema=arrow_schema("segments")))
     except (pa.ArrowInvalid, OverflowError) as error:  # e.g. an id or size past its column's integer range
         raise SegpipeError(f"{src}: a value does not fit the table ({error})") from None
+
+
+# --- COCO results -> predictions table ---------------------------------------------------------
+
+
+def results_to_predictions(src: str, gt: str, out: str, row_group_images: int = 1000) -> Converted:
+    """A COCO results file as a predictions table folder (schemas/predictions.json), evaluated as the file is.
+
+    Each result becomes one row; its segment id is its 1-based position in the file (results may
+    overlap, so they are no panoptic segments). Rows go in image-id order, a Parquet file (one row
+    group) per `row_group_images` images, and keep the file's order within an image, which is what
+    COCOeval's stable sort of tied scores sees. Scores and boxes are the file's; RLE is kept as
+    given; polygons and uncompressed RLE are encoded at the GT image's size; a result without a
+    segmentation gets its box's polygon and one without a box its mask's box, as COCO.loadRes does.
+    The table's rows always carry boxes, so AP reads them in loadRes's box branch (area = box area).
+    """
+    from pipeline.io.fs import read_json
+    from pipeline.io.tables import write_predictions
+
+    results, coco = read_json(src), read_json(gt)
+    if not isinstance(results, list):
+        raise SegpipeError(f"{src}: not a COCO results file (expected a list of detections)")
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise SegpipeError(f"{gt}: not a COCO file (no 'images' list)")
+    images = {image_id: image for image_id, (_, image) in _images_by_id(gt, coco["images"]).items()}
+    by_image: dict[int, list[tuple[int, dict]]] = {}
+    for position, result in enumerate(results):
+        if not isinstance(result, dict) or not {"image_id", "category_id", "score"} <= result.keys():
+            raise SegpipeError(f"{src}: result {position} lacks image_id, category_id or score")
+        if result["image_id"] not in images:
+            raise SegpipeError(f"{src}: result {position}: image {result['image_id']!r} is not in {gt}")
+        by_image.setdefault(result["image_id"], []).append((position, result))
+    ids = sorted(by_image)
+    for part, start in enumerate(range(0, len(ids), row_group_images)):
+        batch = [_result_prediction(src, images[i], by_image[i]) for i in ids[start:start + row_group_images]]
+        write_predictions(join(out, f"part-{part:05d}.parquet"), batch, run_id=src, model="coco-results")
+    return Converted(out, "predictions", len(ids), len(results))
+
+
+def _result_prediction(src: str, image: dict, results: list[tuple[int, dict]]) -> ImagePrediction:
+    """One image's results as an ImagePrediction, in file order."""
+    height, width = image["height"], image["width"]
+    segments = []
+    for position, r in results:
+        where = f"{src}: result {position} (image {image['id']})"
+        if "segmentation" in r:
+            rle = _rasterise(where, r["segmentation"], height, width)
+        elif "bbox" in r:
+            x, y, w, h = r["bbox"]
+            rle = _rasterise(where, [[x, y, x, y + h, x + w, y + h, x + w, y]], height, width)
+        else:
+            raise SegpipeError(f"{where}: has neither 'segmentation' nor 'bbox'")
+        if (rle.height, rle.width) != (height, width):
+            raise SegpipeError(f"{where}: mask is {rle.height}x{rle.width} (HxW), the image {height}x{width}")
+        bbox = tuple(float(v) for v in r["bbox"]) if "bbox" in r else rle.bbox()
+        segments.append(Segment(position + 1, r["category_id"], rle, rle.area(), bbox, float(r["score"])))
+    return ImagePrediction(image["id"], image["file_name"], height, width, tuple(segments))
 
 
 # --- table -> COCO ----------------------------------------------------------------------------
