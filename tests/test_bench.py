@@ -7,7 +7,6 @@ import pytest
 from pipeline.bench import MISMATCH, plan, run, table
 from pipeline.bench_data import COCO_MISSING_IDS, SHAPES, random_instances
 from pipeline.convert import convert
-from pipeline.errors import SegpipeError
 from pipeline.evaluate.ap import evaluate_ap
 from pipeline.io.tables import parquet_files, read_predictions
 
@@ -97,7 +96,6 @@ def test_results_become_a_predictions_table_with_the_same_ap(tmp_path):
                 == evaluate_ap(str(gt_json), str(results_json), iou_type)["stats"])
 
 
-@pytest.mark.xfail(raises=SegpipeError, reason="evaluate_ap reads a dataset table as ground truth after the AP rewrite")
 def test_ap_from_both_tables_equals_ap_from_both_files(tmp_path):
     import numpy as np
 

@@ -153,8 +153,6 @@ def test_a_request_the_cluster_cannot_place_fails_at_once(cluster, dataset, tmp_
 
 
 def test_instance_model_writes_results_and_table_but_no_panoptic_files(cluster, dataset, tmp_path):
-    from pipeline.evaluate.ap import evaluate_ap
-
     # Threshold 0: random weights detect next to nothing above 0.3, and an empty result would agree with anything.
     settings = ModelSettings(random_weights=True, min_size=96, max_size=128, score_threshold=0.0)
     shard = dataset / "shards" / "val-00002.tar"
@@ -171,9 +169,8 @@ def test_instance_model_writes_results_and_table_but_no_panoptic_files(cluster, 
 def test_weights_come_from_the_checkpoint_with_its_categories_and_a_bad_one_fails_before_ray(cluster, dataset, tmp_path):
     import torch
 
-    from pipeline.models import load_model
-
     from pipeline.io.tables import parquet_files, read_predictions
+    from pipeline.models import load_model
 
     # Seed 1: a run that ignored the checkpoint would build seed 0's random weights, and differ.
     source = replace(SMALL, seed=1)

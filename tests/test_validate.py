@@ -1,7 +1,6 @@
 """`segpipe validate`: each problem real datasets have, found on a broken copy, one line each."""
 
 import copy
-import io
 import json
 import shutil
 import subprocess
