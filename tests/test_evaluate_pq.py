@@ -179,7 +179,7 @@ def test_workers_give_byte_identical_results(dataset, predictions, tmp_path):
         assert result.exit_code == 0, result.output
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
-    assert set(json.loads(outputs[0])) == {"All", "Things", "Stuff", "per_class"}
+    assert set(json.loads(outputs[0])) == {"All", "Things", "Stuff", "per_class", "semantic"}
 
 
 def test_bad_inputs_are_one_line_errors(dataset, predictions, tmp_path):

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.evaluate.match import UNLISTED, Labelling, Overlaps
-from pipeline.evaluate.runner import without_cyclic_gc
+from pipeline.evaluate.match import Overlaps
+from pipeline.evaluate.runner import map_shards
+from pipeline.io.tables import is_dataset_table
 
 
 @dataclass
@@ -205,18 +206,19 @@ def _png_names(folder: str) -> set[str]:
 def evaluate_miou(gt: str, pred: str, classes: int | str | Sequence[str] | None = None, ignore_index: int = 255,
                   gt_dir: str | None = None, pred_dir: str | None = None, workers: int = 1,
                   address: str | None = None, shard_size: int = 50) -> dict:
-    """mIoU and friends of semantic label PNG folders, or of COCO panoptic files (GT ending in .json).
+    """mIoU and friends of semantic label PNG folders, or of COCO panoptic ground truth (a JSON + PNGs or a
+    dataset table) against any prediction `segpipe eval pq` reads: its semantic view, from the same overlaps.
 
     PNG folders pair files by name (every ground-truth file needs a prediction) and need `classes`;
     a panoptic GT brings its categories. Shards are fixed runs of `shard_size` images in file-name
     (or GT) order, added in that order: the output depends only on the inputs.
     """
-    from pipeline.evaluate.runner import map_shards
-
-    if gt.endswith(".json"):
+    if gt.endswith(".json") or is_dataset_table(gt):
         if classes is not None:
             raise SegpipeError("--classes: a COCO panoptic ground truth brings its own categories; leave it out")
-        return _evaluate_panoptic(gt, pred, gt_dir, pred_dir, workers, address, shard_size)
+        from pipeline.evaluate.pq import evaluate_pq  # pq reports this view; imported here, as pq imports miou
+
+        return evaluate_pq(gt, pred, gt_dir, pred_dir, workers, address)["semantic"]
     if classes is None:
         raise SegpipeError("--classes: give the class list (a JSON file) or the number of classes")
     names = load_classes(classes)
@@ -234,70 +236,3 @@ def evaluate_miou(gt: str, pred: str, classes: int | str | Sequence[str] | None 
     for stats in map_shards(_evaluate_shard, shards, workers, address):
         total += stats
     return summarize(total, names)
-
-
-# --- COCO panoptic: the semantic view of segments ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _PanopticShard:
-    """(gt annotation, prediction annotation) pairs one task evaluates."""
-
-    pairs: tuple[tuple[dict, dict], ...]
-    gt_dir: str
-    pred_dir: str
-    category_index: dict[int, int]
-
-
-@without_cyclic_gc
-def _evaluate_panoptic(gt_json: str, pred_json: str, gt_dir: str | None, pred_dir: str | None, workers: int,
-                       address: str | None, shard_size: int) -> dict:
-    from pipeline.evaluate.runner import map_shards
-    from pipeline.io.fs import read_json
-    from pipeline.validate import default_folder
-
-    gt, pred = read_json(gt_json), read_json(pred_json)
-    if not isinstance(gt, dict) or not all(isinstance(gt.get(k), list) for k in ("annotations", "categories")):
-        raise SegpipeError(f"{gt_json}: not a COCO panoptic file (needs 'annotations', 'categories')")
-    if not isinstance(pred, dict) or not isinstance(pred.get("annotations"), list):
-        raise SegpipeError(f"{pred_json}: not a COCO panoptic predictions file (no 'annotations' list)")
-    by_image = {a.get("image_id"): a for a in pred["annotations"]}
-    missing = [a["image_id"] for a in gt["annotations"] if a["image_id"] not in by_image]
-    if missing:
-        raise SegpipeError(f"{pred_json}: no prediction for image {missing[0]}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    pairs = [(a, by_image[a["image_id"]]) for a in gt["annotations"]]
-    categories = gt["categories"]
-    category_index = {c["id"]: i for i, c in enumerate(categories)}
-    shards = [_PanopticShard(tuple(pairs[i:i + shard_size]), gt_dir or default_folder(gt_json),
-                             pred_dir or default_folder(pred_json), category_index)
-              for i in range(0, len(pairs), shard_size)]
-    total = ConfusionStats.zeros(len(categories))
-    for stats in map_shards(_evaluate_panoptic_shard, shards, workers, address):
-        total += stats
-    return summarize(total, [str(c.get("name", c["id"])) for c in categories])
-
-
-@without_cyclic_gc
-def _evaluate_panoptic_shard(shard: _PanopticShard) -> ConfusionStats:
-    from pipeline.io.fs import join, read_bytes
-    from pipeline.structures import panoptic_words
-
-    stats = ConfusionStats.zeros(len(shard.category_index))
-    for gt_ann, pred_ann in shard.pairs:
-        gt_uri, pred_uri = join(shard.gt_dir, gt_ann["file_name"]), join(shard.pred_dir, pred_ann["file_name"])
-        gt_ids, pred_ids = panoptic_words(read_bytes(gt_uri), gt_uri), panoptic_words(read_bytes(pred_uri), pred_uri)
-        _check_same_size(gt_ids, pred_ids, pred_uri)
-        gt_segments, pred_segments = gt_ann.get("segments_info", []), pred_ann.get("segments_info", [])
-        unknown = [s for s in pred_segments if s["category_id"] not in shard.category_index]
-        if unknown:
-            raise SegpipeError(f"{pred_uri}: segment {unknown[0]['id']} has unknown category_id {unknown[0]['category_id']}")
-        overlaps = Overlaps.of(Labelling.from_id_maps([gt_ids], [[s["id"] for s in gt_segments]]),
-                               Labelling.from_id_maps([pred_ids], [[s["id"] for s in pred_segments]]))
-        if (overlaps.pred == UNLISTED).any():
-            raise SegpipeError(f"{pred_uri}: holds a segment id that the JSON does not list")
-        stats += confusion_from_overlaps(
-            overlaps, [shard.category_index.get(s["category_id"], -1) for s in gt_segments],
-            [s.get("iscrowd", 0) == 1 for s in gt_segments],
-            [shard.category_index[s["category_id"]] for s in pred_segments], len(shard.category_index))
-    return stats

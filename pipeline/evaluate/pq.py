@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import SegpipeError
+from pipeline.evaluate import miou
 from pipeline.evaluate.match import VOID, Labelling, OverlapError, Overlaps, RleError, decode_arrow
+from pipeline.evaluate.miou import ConfusionStats, confusion_from_overlaps
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import join, read_json, url_to_fs
 from pipeline.io.tables import is_dataset_table, open_dataset_table, parquet_files, read_columns, read_rows
@@ -39,16 +41,19 @@ class PQStats:
     fp: np.ndarray
     fn: np.ndarray
     iou: np.ndarray  # Python ints, units of 2^-53
+    semantic: ConfusionStats  # the semantic view of the same pixels (mIoU), from the same overlaps
 
     @classmethod
     def zeros(cls, n_categories: int) -> PQStats:
-        return cls(*(np.zeros(n_categories, np.int64) for _ in range(3)), np.zeros(n_categories, object))
+        return cls(*(np.zeros(n_categories, np.int64) for _ in range(3)), np.zeros(n_categories, object),
+                   ConfusionStats.zeros(n_categories))
 
     def __iadd__(self, other: PQStats) -> PQStats:
         self.tp += other.tp
         self.fp += other.fp
         self.fn += other.fn
         self.iou += other.iou
+        self.semantic += other.semantic
         return self
 
     def iou_sum(self, index: int) -> float:
@@ -76,6 +81,7 @@ def batch_stats(image_ids: Sequence, gt: PanopticSide, pred: PanopticSide, n_cat
     prediction's pixels on VOID; crowd ground truth never matches; an unmatched prediction lying more
     than half on VOID plus the last crowd segment of its class in its image is not a false positive.
     Ground-truth pixels whose id the JSON does not list (UNLISTED) match nothing and are not VOID.
+    The semantic view (crowd and VOID ground truth ignored) comes from the same overlaps.
     """
     overlaps = Overlaps.of(gt.labelling, pred.labelling)
     n_pred = len(pred.image)
@@ -100,6 +106,7 @@ def batch_stats(image_ids: Sequence, gt: PanopticSide, pred: PanopticSide, n_cat
         iou = np.where(candidate, pixels / np.where(candidate, union, 1.0), 0.0)
     match = candidate & (iou > 0.5)
     stats = PQStats.zeros(n_categories)
+    stats.semantic = confusion_from_overlaps(overlaps, gt.category, gt.crowd, pred.category, n_categories)
     match_category = gt.category[g[match]]
     stats.tp += np.bincount(match_category, minlength=n_categories)
     units = (iou[match] * 2.0**_IOU_SCALE_BITS).astype(np.int64)  # exact: IoU in (0.5, 1]
@@ -242,7 +249,8 @@ def summarize(stats: PQStats, categories: Sequence[dict]) -> dict:
 
     A class enters the averages where it has a TP, FP or FN, as in panopticapi; per_class lists every
     class, zeros where it does not occur. A group with no occurring class (Stuff in a things-only
-    dataset) reports zeros with n = 0 where panopticapi divides by zero.
+    dataset) reports zeros with n = 0 where panopticapi divides by zero. `semantic` is `segpipe eval
+    miou`'s result for the semantic view of the same segmentations.
     """
     per_class, occurring = {}, {}
     for i, category in enumerate(categories):
@@ -261,6 +269,7 @@ def summarize(stats: PQStats, categories: Sequence[dict]) -> dict:
         result[name] = {key: (sum(m[key] for m in members) / n if n else 0.0) for key in ("pq", "sq", "rq")}
         result[name]["n"] = n
     result["per_class"] = per_class
+    result["semantic"] = miou.summarize(stats.semantic, [c.get("name", str(c["id"])) for c in categories])
     return result
 
 
@@ -270,6 +279,9 @@ def format_table(result: dict) -> str:
     for name in ("All", "Things", "Stuff"):
         r = result[name]
         lines.append(f"{name:10}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f}  {r['n']:4d}")
+    semantic = result["semantic"]
+    if semantic["mIoU"] is not None:
+        lines.append(f"semantic view: mIoU {100 * semantic['mIoU']:.1f}, pixel accuracy {100 * semantic['aAcc']:.1f}")
     return "\n".join(lines)
 
 
