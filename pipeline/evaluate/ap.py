@@ -250,44 +250,59 @@ def _extents(lengths, offsets, heights):
 def accumulate(stats: Statistics, n_categories: int) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval.accumulate: precision (T, R, K, A, M) and recall (T, K, A, M), -1 where undefined.
 
-    `stats` must be in image order (sorted image ids); a stable sort by category, then by score,
-    keeps COCOeval's order of tied scores exactly.
+    `stats` must be in image order (sorted image ids): one stable sort by category, then score, puts
+    each category's detections in COCOeval's order, tied scores included.
     """
+    order = np.lexsort((-stats.score, stats.category))
+    bounds = np.searchsorted(stats.category[order], np.arange(n_categories + 1))
     n_thr, n_rec, n_area, n_max = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(AREA_RANGES), len(MAX_DETS)
     precision = -np.ones((n_thr, n_rec, n_categories, n_area, n_max))
     recall = -np.ones((n_thr, n_categories, n_area, n_max))
-    by_category = np.argsort(stats.category, kind="stable")
-    bounds = np.searchsorted(stats.category[by_category], np.arange(n_categories + 1))
-    for k in range(n_categories):
-        if not stats.positives[k].any():
-            continue
-        entries = by_category[bounds[k]:bounds[k + 1]]
-        for m, max_det in enumerate(MAX_DETS):
-            kept = entries[stats.rank[entries] < max_det]
-            kept = kept[np.argsort(-stats.score[kept], kind="mergesort")]
-            for a in range(n_area):
-                positives = stats.positives[k, a]
-                if positives == 0:
-                    continue
-                dtm, dtig = stats.matched[a][:, kept], stats.ignored[a][:, kept]
-                tp_sum = np.cumsum(dtm & ~dtig, axis=1).astype(float)
-                fp_sum = np.cumsum(~dtm & ~dtig, axis=1).astype(float)
-                n_det = tp_sum.shape[1]
-                if not n_det:
-                    recall[:, k, a, m] = 0
-                    precision[:, :, k, a, m] = 0
-                    continue
-                rc = tp_sum / positives
-                pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
-                recall[:, k, a, m] = rc[:, -1]
-                pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # precision envelope
-                for t in range(n_thr):
-                    inds = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
-                    q = np.zeros(n_rec)
-                    valid = inds < n_det
-                    q[valid] = pr[t, inds[valid]]
-                    precision[t, :, k, a, m] = q
+    _fill(order, bounds, stats.rank, np.ascontiguousarray(stats.matched), np.ascontiguousarray(stats.ignored),
+          stats.positives, np.asarray(MAX_DETS, np.int64), RECALL_THRESHOLDS, precision, recall)
     return precision, recall
+
+
+@numba.njit("void(i8[:], i8[:], i8[:], b1[:, :, :], b1[:, :, :], i8[:, :], i8[:], f8[:], f8[:, :, :, :, :], f8[:, :, :, :])",
+            cache=True, nogil=True)
+def _fill(order, bounds, rank, matched, ignored, positives, max_dets, recall_thresholds, precision, recall):
+    """The loops of COCOeval.accumulate over categories, maxDets, area ranges and thresholds, compiled."""
+    n_area, n_thr = matched.shape[0], matched.shape[1]
+    n_rec = len(recall_thresholds)
+    eps = np.spacing(1.0)
+    for k in range(len(bounds) - 1):
+        entries = order[bounds[k]:bounds[k + 1]]
+        for m in range(len(max_dets)):
+            kept = entries[rank[entries] < max_dets[m]]
+            n_det = len(kept)
+            tp = np.empty(n_det)
+            pr = np.empty(n_det)
+            for a in range(n_area):
+                npig = positives[k, a]
+                if npig == 0:
+                    continue
+                for t in range(n_thr):
+                    if n_det == 0:
+                        recall[t, k, a, m] = 0.0
+                        precision[t, :, k, a, m] = 0.0
+                        continue
+                    tp_sum, fp_sum = 0.0, 0.0
+                    for i in range(n_det):
+                        d = kept[i]
+                        if not ignored[a, t, d]:
+                            if matched[a, t, d]:
+                                tp_sum += 1.0
+                            else:
+                                fp_sum += 1.0
+                        tp[i] = tp_sum / npig
+                        pr[i] = tp_sum / (fp_sum + tp_sum + eps)
+                    recall[t, k, a, m] = tp[n_det - 1]
+                    for i in range(n_det - 1, 0, -1):  # the precision envelope
+                        if pr[i] > pr[i - 1]:
+                            pr[i - 1] = pr[i]
+                    inds = np.searchsorted(tp, recall_thresholds)  # side="left", as COCOeval
+                    for r in range(n_rec):
+                        precision[t, r, k, a, m] = pr[inds[r]] if inds[r] < n_det else 0.0
 
 
 def summarize(precision: np.ndarray, recall: np.ndarray) -> list[float]:
