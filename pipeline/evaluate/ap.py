@@ -154,10 +154,9 @@ def _ious(dets: Instances, truths: Instances, d: np.ndarray, g: np.ndarray, iou_
     if iou_type == "bbox":
         return _box_ious(dets.box[d], truths.box[g], crowd)
     # rleIou: intersection / union counted from the runs; a crowd's union is the detection's area. Pairs whose
-    # boxes do not meet share no pixel, so only the others walk their runs.
-    d_box, g_box = box_extents(dets.masks)[d], box_extents(truths.masks)[g]
-    meet = ((d_box[:, 0] <= g_box[:, 1]) & (g_box[:, 0] <= d_box[:, 1])
-            & (d_box[:, 2] <= g_box[:, 3]) & (g_box[:, 2] <= d_box[:, 3]))
+    # column ranges do not meet share no pixel, so only the others walk their runs.
+    d_columns, g_columns = column_ranges(dets.masks)[d], column_ranges(truths.masks)[g]
+    meet = (d_columns[:, 0] <= g_columns[:, 1]) & (g_columns[:, 0] <= d_columns[:, 1])
     shared = np.zeros(len(d), np.int64)
     shared[meet] = pair_intersections(dets.masks, truths.masks, d[meet], g[meet])
     d_area, g_area = dets.masks.areas[d], truths.masks.areas[g]
@@ -222,28 +221,23 @@ def _match(d_lo, d_hi, g_lo, g_hi, offsets, ious, gt_ignored, gt_crowd, gt_count
     return matched, ignored
 
 
-def box_extents(masks: Runs) -> np.ndarray:
-    """(n, 4) first column, last column, first row, last row of each mask's pixels (-1 rows for an empty one)."""
-    return _extents(masks.lengths, masks.offsets, masks.heights)
+def column_ranges(masks: Runs) -> np.ndarray:
+    """(n, 2) first and last column of each mask's pixels (an empty mask gets an empty range)."""
+    return _column_ranges(masks.lengths, masks.offsets, masks.heights)
 
 
 @numba.njit("i8[:, :](i8[:], i8[:], i8[:])", cache=True, nogil=True)
-def _extents(lengths, offsets, heights):
-    out = np.empty((len(offsets) - 1, 4), np.int64)
+def _column_ranges(lengths, offsets, heights):
+    out = np.empty((len(offsets) - 1, 2), np.int64)
     for i in range(len(offsets) - 1):
-        h = heights[i]
-        x0, x1, y0, y1 = np.int64(1) << 62, np.int64(-1), np.int64(1) << 62, np.int64(-1)
-        position = 0
+        first, last, position = np.int64(-1), np.int64(-2), np.int64(0)
         for r in range(offsets[i], offsets[i + 1]):
             if (r - offsets[i]) % 2 == 1 and lengths[r] > 0:
-                first, last = position, position + lengths[r] - 1
-                x0, x1 = min(x0, first // h), max(x1, last // h)
-                if first // h != last // h:  # the run wraps to a next column: every row is covered
-                    y0, y1 = 0, h - 1
-                else:
-                    y0, y1 = min(y0, first % h), max(y1, last % h)
+                if first < 0:
+                    first = position
+                last = position + lengths[r] - 1
             position += lengths[r]
-        out[i, 0], out[i, 1], out[i, 2], out[i, 3] = x0, x1, y0, y1
+        out[i, 0], out[i, 1] = (first // heights[i], last // heights[i]) if first >= 0 else (1, 0)
     return out
 
 
@@ -680,7 +674,10 @@ def _evaluate_shard(shard: _Shard) -> Statistics:
     if shard.results is not None:
         dets = detection_instances(shard.results, shard.sizes, shard.category_index, shard.iou_type, shard.box_branch)
     else:
-        rows = read_rows(shard.pred_files, shard.image_ids, ["image_id", "category_id", "score", "bbox", "rle", "height"])
+        # A shard is a run of the sorted ground-truth ids and images outside the ground truth were refused, so
+        # the id range holds exactly the shard's rows.
+        rows = read_rows(shard.pred_files, shard.image_ids[0], shard.image_ids[-1],
+                         ["image_id", "category_id", "score", "bbox", "rle", "height"])
         dets = _table_instances(rows, shard, truth=False)
     return batch_statistics(truths, dets, shard.iou_type, len(shard.category_index))
 
@@ -689,10 +686,12 @@ def _table_instances(rows: pa.Table, shard: _Shard, truth: bool) -> Instances:
     """Instances from table rows: masks straight from the RLE strings. Detections take the box branch of
     loadRes (area = box w * h), as the table's COCO results export would."""
     category = category_positions(rows["category_id"].to_numpy(), shard.category_index)
-    rows = rows.filter(pa.array(category >= 0))  # unknown categories were refused or are dropped
-    category = category[category >= 0]
-    order = np.argsort(rows["image_id"].to_numpy(), kind="stable")
-    rows, category = rows.take(order), category[order]
+    if (category < 0).any():  # unknown categories were refused, or are to be dropped
+        rows, category = rows.filter(pa.array(category >= 0)), category[category >= 0]
+    image = rows["image_id"].to_numpy()
+    if (np.diff(image) < 0).any():  # written in image-id order as a rule; restore it (stable) where not
+        order = np.argsort(image, kind="stable")
+        rows, category = rows.take(order), category[order]
     n = rows.num_rows
     boxes = rows["bbox"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, 4).astype(np.float64)
     masks = None

@@ -303,8 +303,8 @@ class _TableSource:
     files: tuple[str, ...] = ()  # the predictions table's Parquet files; () for a dataset table
 
     def rows(self, image_ids: Sequence, columns: list[str]):
-        if self.files:
-            return read_rows(self.files, image_ids, columns)
+        if self.files:  # the shard is a run of sorted ids and strays were refused: the range is exact
+            return read_rows(self.files, image_ids[0], image_ids[-1], columns)
         return open_dataset_table(self.name).segments(image_ids, columns)
 
     def image_ids(self) -> set:
@@ -328,7 +328,7 @@ class _Shard:
 
 @without_cyclic_gc
 def evaluate_pq(gt: str, pred: str, gt_dir: str | None = None, pred_dir: str | None = None, workers: int = 1,
-                address: str | None = None, shard_size: int = 100) -> dict:
+                address: str | None = None, shard_size: int = 500) -> dict:
     """PQ of predictions against ground truth, each a COCO panoptic JSON (+ PNG folder) or a segpipe table.
 
     Ground truth: a COCO panoptic JSON or a panoptic dataset table (`segpipe convert`). Predictions: a COCO
@@ -362,7 +362,8 @@ def _ground_truth(gt: str, gt_dir: str | None) -> tuple[list[dict], list, list, 
     data = read_json(gt)
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("annotations", "categories", "images")):
         raise SegpipeError(f"{gt}: not a COCO panoptic file (needs 'images', 'annotations', 'categories')")
-    annotations = data["annotations"]
+    # Sorted by image id, as tables are: each shard is then a run of ids (the sums are exact, so order is free).
+    annotations = sorted(data["annotations"], key=lambda a: a["image_id"])
     return data["categories"], [a["image_id"] for a in annotations], annotations, _PngSource(gt_dir or default_folder(gt))
 
 
