@@ -230,26 +230,35 @@ def _report(result: dict, table: str, out: str | None, start: float) -> None:
 @eval_app.command("pq")
 @_user_errors
 def eval_pq(
-    gt: Annotated[str, typer.Option(help="Ground truth: COCO panoptic JSON.")],
-    pred: Annotated[str, typer.Option(help="Predictions: COCO panoptic JSON, or the predictions Parquet (file or folder).")],
+    gt: Annotated[str, typer.Option(help="Ground truth: COCO panoptic JSON, or a panoptic dataset table (segpipe convert).")],
+    pred: Annotated[str, typer.Option(help="Predictions: COCO panoptic JSON, the predictions Parquet (file or folder) or a dataset table.")],
     gt_dir: Annotated[Optional[str], typer.Option(help="Ground-truth PNG folder (default: GT without .json).")] = None,
     pred_dir: Annotated[Optional[str], typer.Option(help="Prediction PNG folder (default: PRED without .json).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Write the results JSON here.")] = None,
+    drop_unknown_categories: Annotated[bool, typer.Option(
+        help="Make predicted segments of categories the ground truth lacks VOID instead of refusing them.")] = False,
     workers: Workers = 1,
     address: Address = None,
 ) -> None:
-    """Panoptic quality (PQ, SQ, RQ) with the semantics of panopticapi's pq_compute."""
+    """Panoptic quality (PQ, SQ, RQ) with the semantics of panopticapi's pq_compute, and the semantic view's mIoU.
+
+    Example: segpipe eval pq --gt annotations/panoptic_val2017.json --pred labels/predictions --out pq.json
+    """
     from pipeline.evaluate.pq import evaluate_pq, format_table
 
     start = time.perf_counter()
-    result = evaluate_pq(gt, pred, gt_dir=gt_dir, pred_dir=pred_dir, workers=workers, address=address)
+    result = evaluate_pq(gt, pred, gt_dir=gt_dir, pred_dir=pred_dir, workers=workers, address=address,
+                         drop_unknown_categories=drop_unknown_categories)
+    if result["dropped_segments"]:
+        typer.echo(f"segpipe: made {result['dropped_segments']} segments of categories the ground truth lacks VOID",
+                   err=True)
     _report(result, format_table(result), out, start)
 
 
 @eval_app.command("ap")
 @_user_errors
 def eval_ap(
-    gt: Annotated[str, typer.Option(help="Ground truth: COCO instances JSON.")],
+    gt: Annotated[str, typer.Option(help="Ground truth: COCO instances JSON, or an instances dataset table (segpipe convert).")],
     pred: Annotated[str, typer.Option(help="Detections: COCO results JSON, or the predictions Parquet (file or folder).")],
     iou_type: Annotated[str, typer.Option(help="segm (masks) or bbox (boxes).")] = "segm",
     out: Annotated[Optional[str], typer.Option(help="Write the results JSON here.")] = None,
@@ -258,7 +267,10 @@ def eval_ap(
     workers: Workers = 1,
     address: Address = None,
 ) -> None:
-    """COCO AP and AR (the 12 COCOeval numbers, and per class) with pycocotools' semantics."""
+    """COCO AP and AR (the 12 COCOeval numbers, and per class) with pycocotools' semantics.
+
+    Example: segpipe eval ap --gt annotations/instances_val2017.json --pred detections.json --iou-type segm
+    """
     from pipeline.evaluate.ap import evaluate_ap, format_table
 
     start = time.perf_counter()

@@ -179,7 +179,7 @@ def test_workers_give_byte_identical_results(dataset, predictions, tmp_path):
         assert result.exit_code == 0, result.output
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
-    assert set(json.loads(outputs[0])) == {"All", "Things", "Stuff", "per_class", "semantic"}
+    assert set(json.loads(outputs[0])) == {"All", "Things", "Stuff", "per_class", "semantic", "dropped_segments"}
 
 
 def test_bad_inputs_are_one_line_errors(dataset, predictions, tmp_path):
@@ -229,3 +229,38 @@ def test_every_combination_of_json_and_tables_gives_the_same_bytes(dataset, pred
     result = json.loads(outputs.pop())
     assert 0.3 < result["All"]["pq"] < 0.9 and result["All"]["n"] > 5
 
+
+
+def test_unknown_categories_are_refused_or_made_void(dataset, predictions, tmp_path):
+    """--drop-unknown-categories scores a prediction as if those segments' pixels were VOID (what training
+    validation does with a model that knows more classes), from JSON + PNGs and from a table alike."""
+    from pipeline.structures import encode_panoptic_png
+
+    gt = str(dataset / "annotations" / "panoptic_val.json")
+    data = json.loads(predictions.read_text())
+    folder = predictions.parent / "panoptic_pred"
+    foreign, voided = json.loads(json.dumps(data)), json.loads(json.dumps(data))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "voided").mkdir()
+    for k, annotation in enumerate(data["annotations"]):
+        ids = decode_panoptic_png((folder / annotation["file_name"]).read_bytes(), "")
+        (tmp_path / "foreign" / annotation["file_name"]).write_bytes((folder / annotation["file_name"]).read_bytes())
+        if k % 3 == 0 and annotation["segments_info"]:
+            segment = annotation["segments_info"][0]
+            foreign["annotations"][k]["segments_info"][0]["category_id"] = 999
+            voided["annotations"][k]["segments_info"].pop(0)
+            ids = np.where(ids == segment["id"], 0, ids)
+        (tmp_path / "voided" / annotation["file_name"]).write_bytes(encode_panoptic_png(ids))
+    (tmp_path / "foreign.json").write_text(json.dumps(foreign))
+    (tmp_path / "voided.json").write_text(json.dumps(voided))
+    result = CliRunner().invoke(app, ["eval", "pq", "--gt", gt, "--pred", str(tmp_path / "foreign.json")])
+    assert result.exit_code == 2 and "has unknown category_id 999" in result.stderr and "--drop-unknown" in result.stderr
+    dropped = evaluate_pq(gt, str(tmp_path / "foreign.json"), drop_unknown_categories=True)
+    expected = evaluate_pq(gt, str(tmp_path / "voided.json"))
+    assert dropped.pop("dropped_segments") == 4 and expected.pop("dropped_segments") == 0
+    assert dropped == expected and dropped["All"]["pq"] != evaluate_pq(gt, str(predictions))["All"]["pq"]
+    from pipeline.convert import convert
+
+    convert(str(tmp_path / "foreign.json"), str(tmp_path / "foreign-table"))
+    from_table = evaluate_pq(gt, str(tmp_path / "foreign-table"), drop_unknown_categories=True)
+    assert from_table.pop("dropped_segments") == 4 and from_table == expected

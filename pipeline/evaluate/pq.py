@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.errors import SegpipeError
 from pipeline.evaluate import miou
@@ -143,13 +144,15 @@ def _on_last_crowd(gt: PanopticSide, pred: PanopticSide, g: np.ndarray, p: np.nd
 
 
 def image_stats(image_id: object, gt_ids: np.ndarray, gt_segments: Sequence[dict], pred_ids: np.ndarray,
-                pred_segments: Sequence[dict], category_index: dict[int, int], where: str) -> PQStats:
+                pred_segments: Sequence[dict], category_index: dict[int, int], where: str,
+                drop_unknown_categories: bool = False) -> PQStats:
     """PQ statistics of one image from panoptic id maps and their `segments_info` (see `batch_stats`)."""
     if gt_ids.shape != pred_ids.shape:
         raise SegpipeError(f"{where}: image {image_id}: prediction is {pred_ids.shape[0]}x{pred_ids.shape[1]} "
                            f"(HxW), ground truth is {gt_ids.shape[0]}x{gt_ids.shape[1]}")
     gt = png_side([gt_segments], [gt_ids], category_index, truth=True, where=[where], image_ids=[image_id])
-    pred = png_side([pred_segments], [pred_ids], category_index, truth=False, where=[where], image_ids=[image_id])
+    pred = png_side([pred_segments], [pred_ids], category_index, truth=False, where=[where], image_ids=[image_id],
+                    drop_unknown=drop_unknown_categories)
     return batch_stats([image_id], gt, pred, len(category_index), where)
 
 
@@ -168,7 +171,8 @@ def _segment_arrays(segments_per_image: Sequence[Sequence[dict]], category_index
             index = category_index.get(s["category_id"], -1)
             if index < 0 and not truth:
                 raise SegpipeError(f"{where[position]}: image {image_ids[position]}: segment {s['id']} has unknown "
-                                   f"category_id {s['category_id']}")
+                                   f"category_id {s['category_id']} (--drop-unknown-categories makes such "
+                                   "segments VOID)")
             image.append(position)
             ids.append(s["id"])
             category.append(index)
@@ -179,23 +183,41 @@ def _segment_arrays(segments_per_image: Sequence[Sequence[dict]], category_index
 
 
 def png_side(segments_per_image: Sequence[Sequence[dict]], id_maps, category_index: dict[int, int], truth: bool,
-             where: Sequence[str], image_ids: Sequence) -> PanopticSide:
-    """A side from `segments_info` lists and their id maps (an iterable: maps are reduced to runs one by one)."""
+             where: Sequence[str], image_ids: Sequence, drop_unknown: bool = False) -> PanopticSide:
+    """A side from `segments_info` lists and their id maps (an iterable: maps are reduced to runs one by one).
+
+    With `drop_unknown`, predicted segments of categories the ground truth lacks become VOID pixels.
+    """
+    if drop_unknown:
+        segments_per_image = [list(segments) for segments in segments_per_image]
+        unknown = [[s["id"] for s in segments if s["category_id"] not in category_index] for segments in segments_per_image]
+        segments_per_image = [[s for s in segments if s["category_id"] in category_index] for segments in segments_per_image]
+        id_maps = (_void(ids, void) for ids, void in zip(id_maps, unknown))
     image, ids, category, crowd, area = _segment_arrays(segments_per_image, category_index, truth, where, image_ids)
     labelling = Labelling.from_id_maps(id_maps, [[s["id"] for s in segments] for segments in segments_per_image])
     return PanopticSide(image, ids, category, crowd, area, labelling)
 
 
+def _void(ids: np.ndarray, segment_ids: list[int]) -> np.ndarray:
+    if segment_ids:
+        ids = np.where(np.isin(ids & 0xFFFFFF, segment_ids), 0, ids)
+    return ids
+
+
 def table_side(rows, positions: np.ndarray, n_images: int, category_index: dict[int, int], truth: bool,
-               where: str, image_ids: Sequence) -> PanopticSide:
+               where: str, image_ids: Sequence, drop_unknown: bool = False) -> PanopticSide:
     """A side from table rows (image_id, segment_id, category_id, iscrowd, area, rle), `positions` giving each
-    row's image in the batch; masks come straight from the RLE strings, nothing is painted."""
-    order = np.argsort(positions, kind="stable")
-    rows = rows.take(order)
-    positions = positions[order]
-    ids = rows.column("segment_id").to_numpy()
+    row's image in the batch; masks come straight from the RLE strings, nothing is painted. With
+    `drop_unknown`, predicted segments of categories the ground truth lacks are left out (their pixels VOID)."""
+    if (np.diff(positions) < 0).any():
+        order = np.argsort(positions, kind="stable")
+        rows, positions = rows.take(order), positions[order]
     categories = rows.column("category_id").to_numpy()
     category = category_positions(categories, category_index)
+    if drop_unknown and not truth and (category < 0).any():
+        known = category >= 0
+        rows, positions, categories, category = rows.filter(pa.array(known)), positions[known], categories[known], category[known]
+    ids = rows.column("segment_id").to_numpy()
     if not truth and (category < 0).any():
         k = int(np.flatnonzero(category < 0)[0])
         raise SegpipeError(f"{where}: image {image_ids[positions[k]]}: segment {ids[k]} has unknown category_id "
@@ -307,11 +329,11 @@ class _TableSource:
             return read_rows(self.files, image_ids[0], image_ids[-1], columns)
         return open_dataset_table(self.name).segments(image_ids, columns)
 
-    def image_ids(self) -> set:
-        """The images the table has rows of (one column read)."""
+    def scan(self, columns: list[str]) -> pa.Table:
+        """A few columns of every row (the driver's checks)."""
         if not self.files:
-            return set(open_dataset_table(self.name).segments(columns=["image_id"])["image_id"].to_pylist())
-        return {i for uri in self.files for i in read_columns(uri, ["image_id"])["image_id"].to_pylist()}
+            return open_dataset_table(self.name).segments(columns=columns)
+        return pa.concat_tables([read_columns(uri, columns) for uri in self.files])
 
 
 @dataclass(frozen=True)
@@ -324,33 +346,36 @@ class _Shard:
     gt: _PngSource | _TableSource
     pred: _PngSource | _TableSource
     category_index: dict[int, int]
+    drop_unknown: bool  # predicted segments of categories the ground truth lacks become VOID
 
 
 @without_cyclic_gc
 def evaluate_pq(gt: str, pred: str, gt_dir: str | None = None, pred_dir: str | None = None, workers: int = 1,
-                address: str | None = None, shard_size: int = 500) -> dict:
+                address: str | None = None, shard_size: int = 500, drop_unknown_categories: bool = False) -> dict:
     """PQ of predictions against ground truth, each a COCO panoptic JSON (+ PNG folder) or a segpipe table.
 
     Ground truth: a COCO panoptic JSON or a panoptic dataset table (`segpipe convert`). Predictions: a COCO
     panoptic JSON, the predictions table of `segpipe infer` (file or folder), or a dataset table. Tables are
     read a shard at a time with a filter and intersected straight from their RLE runs. The statistics are
     exact integers, so the output depends only on the inputs, never on `workers`, `address` or shards.
+    Predicted segments of categories the ground truth lacks are refused, or with `drop_unknown_categories`
+    made VOID (what training validation does with a model that knows more classes); `dropped_segments`
+    counts them.
     """
-
     categories, image_ids, gt_entries, gt_source = _ground_truth(gt, gt_dir)
-    pred_entries, pred_source = _predictions(pred, pred_dir, image_ids)
     category_index = {c["id"]: i for i, c in enumerate(categories)}
+    pred_entries, pred_source, dropped = _predictions(pred, pred_dir, image_ids, category_index, drop_unknown_categories)
     shards = [_Shard(tuple(image_ids[i:i + shard_size]), tuple(gt_entries[i:i + shard_size]),
-                     tuple(pred_entries[i:i + shard_size]), gt_source, pred_source, category_index)
+                     tuple(pred_entries[i:i + shard_size]), gt_source, pred_source, category_index,
+                     drop_unknown_categories)
               for i in range(0, len(image_ids), shard_size)]
     total = PQStats.zeros(len(categories))
     for stats in map_shards(_evaluate_shard, shards, workers, address):
         total += stats
-    return summarize(total, categories)
+    return {**summarize(total, categories), "dropped_segments": dropped}
 
 
 def _ground_truth(gt: str, gt_dir: str | None) -> tuple[list[dict], list, list, _PngSource | _TableSource]:
-
     if is_dataset_table(gt):
         table = open_dataset_table(gt)
         if table.kind != "panoptic":
@@ -367,16 +392,21 @@ def _ground_truth(gt: str, gt_dir: str | None) -> tuple[list[dict], list, list, 
     return data["categories"], [a["image_id"] for a in annotations], annotations, _PngSource(gt_dir or default_folder(gt))
 
 
-def _predictions(pred: str, pred_dir: str | None, image_ids: list) -> tuple[list, _PngSource | _TableSource]:
-
+def _predictions(pred: str, pred_dir: str | None, image_ids: list, category_index: dict, drop: bool
+                 ) -> tuple[list, _PngSource | _TableSource, int]:
+    """Per image the JSON entry (None for tables), the source, and how many segments have unknown categories."""
     files = () if is_dataset_table(pred) else tuple(parquet_files(pred))
     if files or is_dataset_table(pred):
         source = _TableSource(pred, files)
-        seen = source.image_ids()
-        if not seen:
+        columns = source.scan(["image_id", "segment_id", "category_id"])
+        if not columns.num_rows:
             raise SegpipeError(f"{pred}: the predictions table is empty")
-        _refuse_strays(seen, image_ids, pred)
-        return [None] * len(image_ids), source
+        _refuse_strays(set(columns["image_id"].to_pylist()), image_ids, pred)
+        unknown = np.flatnonzero(category_positions(columns["category_id"].to_numpy(), category_index) < 0)
+        if len(unknown) and not drop:
+            k = int(unknown[0])
+            _refuse_unknown(pred, columns["image_id"][k], columns["segment_id"][k], columns["category_id"][k])
+        return [None] * len(image_ids), source, len(unknown)
     data = read_json(pred)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise SegpipeError(f"{pred}: not a COCO panoptic predictions file (no 'annotations' list)")
@@ -388,7 +418,16 @@ def _predictions(pred: str, pred_dir: str | None, image_ids: list) -> tuple[list
     if missing:
         raise SegpipeError(f"{pred}: no prediction for image {missing[0]}"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return [by_image[i] for i in image_ids], _PngSource(pred_dir or default_folder(pred))
+    unknown = [(a["image_id"], s) for a in data["annotations"] for s in a.get("segments_info", [])
+               if s.get("category_id") not in category_index]
+    if unknown and not drop:
+        _refuse_unknown(pred, unknown[0][0], unknown[0][1].get("id"), unknown[0][1].get("category_id"))
+    return [by_image[i] for i in image_ids], _PngSource(pred_dir or default_folder(pred)), len(unknown)
+
+
+def _refuse_unknown(where: str, image_id, segment_id, category_id) -> None:
+    raise SegpipeError(f"{where}: image {image_id}: segment {segment_id} has unknown category_id {category_id} "
+                       "(--drop-unknown-categories makes such segments VOID)")
 
 
 def _refuse_strays(seen, image_ids: list, where: str) -> None:
@@ -414,7 +453,6 @@ def _evaluate_shard(shard: _Shard) -> PQStats:
 
 
 def _where(source: _PngSource | _TableSource, entry: dict | None) -> str:
-
     return source.name if isinstance(source, _TableSource) else join(source.folder, entry["file_name"])
 
 
@@ -430,7 +468,8 @@ def _read_side(source: _PngSource | _TableSource, shard: _Shard, entries: tuple,
         positions = np.array([position[i] for i in rows.column("image_id").to_pylist()], np.int64)
         shapes[positions, 0] = rows.column("height").to_numpy()
         shapes[positions, 1] = rows.column("width").to_numpy()
-        side = table_side(rows, positions, n, shard.category_index, truth, source.name, shard.image_ids)
+        side = table_side(rows, positions, n, shard.category_index, truth, source.name, shard.image_ids,
+                          drop_unknown=shard.drop_unknown and not truth)
         return side, shapes
 
     folder = _Folder(source.folder)
@@ -443,7 +482,8 @@ def _read_side(source: _PngSource | _TableSource, shard: _Shard, entries: tuple,
 
     segments = [entry.get("segments_info", []) for entry in entries]
     where = [_where(source, entry) for entry in entries]
-    return png_side(segments, id_maps(), shard.category_index, truth, where, shard.image_ids), shapes
+    return png_side(segments, id_maps(), shard.category_index, truth, where, shard.image_ids,
+                    drop_unknown=shard.drop_unknown and not truth), shapes
 
 
 class _Folder:

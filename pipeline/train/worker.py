@@ -212,15 +212,11 @@ def validate(adapter, dataset: Dataset, examples: list[Example], encoded: list, 
         for example, sample, raw in zip(chunk, samples, raws):
             if adapter.panoptic:
                 ids, segments = adapter.postprocess.panoptic(raw)
-                foreign = [s["id"] for s in segments if s["category_id"] not in pq_index]
-                if foreign:  # a class the validation labels do not have: VOID to them
-                    ids[np.isin(ids, foreign)] = 0
-                    segments = [s for s in segments if s["category_id"] in pq_index]
-                prediction = ImagePrediction.from_panoptic(example.image_id, example.file_name, ids, segments)
-                if with_pq:
+                if with_pq:  # a class the validation labels lack is VOID to them, as `eval pq --drop-unknown-categories`
                     truth = _panoptic_truth(example, sample)
                     pq_stats += pq_eval.image_stats(example.image_id, sample.ids, truth, ids, segments, pq_index,
-                                                    dataset.uri)
+                                                    dataset.uri, drop_unknown_categories=True)
+                prediction = ImagePrediction.from_panoptic(example.image_id, example.file_name, ids, segments)
             else:
                 prediction = adapter.postprocess(raw, example.image_id, example.file_name)
             results += [r for r in prediction.to_coco_results() if r["category_id"] in ap_index]
