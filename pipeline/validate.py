@@ -12,6 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.errors import SegpipeError
+from pipeline.evaluate.match import Labelling, measure
 from pipeline.io.fs import join, read_bytes, read_json, url_to_fs
 from pipeline.structures import MAX_SEGMENT_ID, decode_panoptic_png, rle_counts
 
@@ -334,19 +335,24 @@ def _check_png(file: str, png_uri: str, image_id: object, segments: list,
     for segment_id in present.tolist():
         if segment_id != 0 and segment_id not in declared:
             yield Problem(file, f"segment in the PNG is not in segments_info ({pixel_area[segment_id]} pixels)", image_id, segment_id)
+    position = {}  # each valid id once (a duplicate is reported elsewhere and measured as its first)
+    for s in segments:
+        if _is_int(s.get("id")) and s["id"] > 0:
+            position.setdefault(s["id"], len(position))
+    # Areas and boxes from the matcher's intervals, as the evaluators see the segments.
+    areas, boxes = measure(Labelling.from_id_maps([ids], [list(position)]), len(position), [ids.shape[0]])
     for segment in segments:
         segment_id = segment.get("id")
         if not _is_int(segment_id) or segment_id <= 0:
             continue
-        if segment_id not in pixel_area:
+        k = position[segment_id]
+        if not areas[k]:
             yield Problem(file, "segment in segments_info has no pixels in the PNG", image_id, segment_id)
             continue
         area, bbox = segment.get("area"), segment.get("bbox")
-        if area != pixel_area[segment_id]:
-            yield Problem(file, f"area {area!r} disagrees with the PNG's {pixel_area[segment_id]} pixels", image_id, segment_id)
-        mask = ids == segment_id
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        pixel_box = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+        if area != areas[k]:
+            yield Problem(file, f"area {area!r} disagrees with the PNG's {areas[k]} pixels", image_id, segment_id)
+        pixel_box = boxes[k].tolist()
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)) or list(bbox) != pixel_box:
             yield Problem(file, f"bbox {bbox!r} disagrees with the PNG's box {pixel_box}", image_id, segment_id)
 

@@ -131,3 +131,25 @@ def test_bad_inputs_are_one_line_errors(gt_path, results_path, tmp_path):
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
     result = runner.invoke(app, ["eval", "ap", "--gt", str(gt_path), "--pred", str(results_path), "--iou-type", "keypoints"])
     assert result.exit_code == 2 and "use segm or bbox" in result.stderr
+
+
+def test_a_ground_truth_table_scores_as_its_json_and_refuses_masks_it_lacks(gt_path, results_path, tmp_path):
+    """A dataset table as ground truth (masks straight from its RLE column) gives the JSON's bytes; a
+    detection-only annotation in it is one line for segm, and bbox still scores as pycocotools does."""
+    from pipeline.convert import convert
+
+    convert(str(gt_path), str(tmp_path / "gt"), row_group_images=6)
+    for iou_type in ("segm", "bbox"):
+        assert json.dumps(evaluate_ap(str(tmp_path / "gt"), str(results_path), iou_type, shard_size=9)) == \
+            json.dumps(evaluate_ap(str(gt_path), str(results_path), iou_type))
+    gt = json.loads(gt_path.read_text())
+    del gt["annotations"][3]["segmentation"]
+    boxes_only = tmp_path / "boxes_only.json"
+    boxes_only.write_text(json.dumps(gt))
+    convert(str(boxes_only), str(tmp_path / "gt-boxes"))
+    result = CliRunner().invoke(app, ["eval", "ap", "--gt", str(tmp_path / "gt-boxes"), "--pred", str(results_path)])
+    annotation = gt["annotations"][3]
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert f"image {annotation['image_id']}: annotation {annotation['id']}: no 'segmentation'" in result.stderr
+    bbox = evaluate_ap(str(tmp_path / "gt-boxes"), str(results_path), "bbox")
+    np.testing.assert_allclose(bbox["stats"], _pycocotools(boxes_only, str(results_path), "bbox").stats, rtol=0, atol=1e-9)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.evaluate.match import (UNLISTED, VOID, Labelling, OverlapError, Overlaps, RleError, decode_strings,
+from pipeline.evaluate.match import (UNLISTED, VOID, Labelling, OverlapError, Overlaps, RleError, decode_strings, measure,
                                      pair_intersections)
 from pipeline.structures import rle_counts
 
@@ -103,3 +103,13 @@ def test_pair_intersections_equal_decoded_masks_and_overlapping_masks_are_refuse
     with pytest.raises(OverlapError) as error:
         Labelling.from_runs(runs, np.array([0] * 6 + [1] * 6), np.full(2, SIZE[0]))
     assert error.value.image == 0
+
+
+def test_areas_and_boxes_of_a_labelling_equal_pycocotools(images):
+    (gt, _) = images
+    maps, listed = [m for m, _ in gt], [s for _, s in gt]
+    areas, boxes = measure(Labelling.from_id_maps(maps, listed), sum(map(len, listed)), [SIZE[0]] * len(maps))
+    rles = [rle for ids, segments in gt for rle in _rles(ids, segments)]
+    encoded = [{"size": list(SIZE), "counts": rle} for rle in rles]
+    assert areas.tolist() == mask_utils.area(encoded).tolist()
+    assert boxes.tolist() == mask_utils.toBbox(encoded).astype(int).tolist()

@@ -71,3 +71,32 @@ def test_user_errors_inside_ray_tasks_and_worker_processes_come_back_as_one_line
     with pytest.raises(SegpipeError, match="^.*missing.json: no such file$"):
         map_shards(read_json, [*shards, missing], workers=2)
     assert map_shards(read_json, shards, workers=2) == [{"shard": 0}, {"shard": 1}, {"shard": 2}]
+
+
+def test_tables_and_files_give_the_same_bytes_in_process_on_workers_and_on_ray(ray_cluster, dataset, tmp_path):
+    """PQ, AP and mIoU: ground truth and predictions as COCO files or as tables (`segpipe convert`), in this
+    process, on 2 worker processes and as Ray tasks: one set of bytes per metric."""
+    import numpy as np
+
+    from pipeline.convert import convert
+    from pipeline.evaluate.miou import evaluate_miou
+
+    gt_panoptic = str(dataset / "annotations" / "panoptic_val.json")
+    pred_panoptic = str(tmp_path / "panoptic_pred.json")
+    write_perturbed_panoptic(gt_panoptic, pred_panoptic, seed=5)
+    gt_instances = str(dataset / "annotations" / "instances_val.json")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(perturb_instances(json.loads(open(gt_instances).read()), np.random.default_rng(2))))
+    for source, out, gt in ((gt_panoptic, "gt-pan", None), (pred_panoptic, "pred-pan", None),
+                            (gt_instances, "gt-inst", None), (str(results), "pred-inst", gt_instances)):
+        convert(source, str(tmp_path / out), row_group_images=3, gt=gt)
+    runs = {"in process": {}, "workers": {"workers": 2}, "ray": {"address": ray_cluster}}
+    cases = {
+        "pq": (evaluate_pq, [(gt_panoptic, pred_panoptic), (str(tmp_path / "gt-pan"), str(tmp_path / "pred-pan"))]),
+        "miou": (evaluate_miou, [(gt_panoptic, pred_panoptic), (str(tmp_path / "gt-pan"), str(tmp_path / "pred-pan"))]),
+        "ap": (evaluate_ap, [(gt_instances, str(results)), (str(tmp_path / "gt-inst"), str(tmp_path / "pred-inst"))]),
+    }
+    for metric, (evaluate, inputs) in cases.items():
+        outputs = {json.dumps(evaluate(gt, pred, shard_size=4, **run)) for gt, pred in inputs for run in runs.values()}
+        assert len(outputs) == 1, metric
+    assert 0 < json.loads(outputs.pop())["stats"][0] < 1

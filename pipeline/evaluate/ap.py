@@ -532,15 +532,12 @@ def _ground_truth(gt: str, iou_type: str) -> tuple[list[dict], dict, list[dict] 
             raise SegpipeError(f"{gt}: a table of COCO {table.kind}, not instances (use `segpipe eval pq`)")
         images = table.images(columns=["image_id", "height", "width"])
         sizes = dict(zip(images["image_id"].to_pylist(), zip(images["height"].to_pylist(), images["width"].to_pylist())))
-        rows = table.segments(columns=["image_id", "segment_id", "rle"])
-        ids = rows["segment_id"].to_numpy()
+        # Annotation ids are global in COCO: checked over the whole table (one integer column; masks stay per shard).
+        ids = table.segments(columns=["segment_id"])["segment_id"].to_numpy()
         if len(np.unique(ids)) < len(ids):
-            counts = Counter(ids.tolist())
-            raise SegpipeError(f"{gt}: duplicate annotation ids {', '.join(str(i) for i, n in counts.items() if n > 1)}")
-        if iou_type == "segm" and rows["rle"].null_count:
-            k = int(np.flatnonzero(rows["rle"].is_null().to_numpy(zero_copy_only=False))[0])
-            raise SegpipeError(f"{gt}: image {rows['image_id'][k]}: annotation {ids[k]}: no 'segmentation' "
-                               "(detection-only ground truth: use --iou-type bbox)")
+            repeated = sorted(i for i, n in Counter(ids.tolist()).items() if n > 1)
+            raise SegpipeError(f"{gt}: duplicate annotation ids {', '.join(map(str, repeated[:5]))}"
+                               + (f" (and {len(repeated) - 5} more)" if len(repeated) > 5 else ""))
         return table.categories, sizes, None, gt
     data = read_json(gt)
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("annotations", "categories", "images")):
@@ -696,6 +693,10 @@ def _table_instances(rows: pa.Table, shard: _Shard, truth: bool) -> Instances:
     boxes = rows["bbox"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, 4).astype(np.float64)
     masks = None
     if shard.iou_type == "segm":
+        if truth and rows["rle"].null_count:  # a dataset table keeps detection-only annotations without a mask
+            k = int(np.flatnonzero(rows["rle"].is_null().to_numpy(zero_copy_only=False))[0])
+            raise SegpipeError(f"{shard.gt_table}: image {rows['image_id'][k]}: annotation {rows['segment_id'][k]}: "
+                               "no 'segmentation' (detection-only ground truth: use --iou-type bbox)")
         masks = replace(decode_arrow(rows["rle"]), heights=rows["height"].to_numpy().astype(np.int64))
     if truth:
         ids = rows["segment_id"].to_numpy()

@@ -194,6 +194,29 @@ class Labelling:
         return cls(_cat(starts), _cat(ends), _cat(labels), offsets, unlisted)
 
 
+def measure(labelling: Labelling, n_segments: int, heights: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Area and tight COCO box [x, y, w, h] of each of a labelling's `n_segments` segments, from its intervals
+    (`heights`: each image's); zeros for a segment with no pixels, as pycocotools' toBbox gives."""
+    keep = labelling.label >= 0
+    label, start, end = labelling.label[keep], labelling.start[keep], labelling.end[keep] - 1
+    image = np.searchsorted(labelling.offsets, np.flatnonzero(keep), "right") - 1
+    height = np.asarray(heights, np.int64)[image]
+    areas = np.bincount(label, end - start + 1, n_segments).astype(np.int64)
+    x0, x1 = start // height, end // height
+    wraps = x0 != x1  # an interval that runs into the next column covers every row
+    y0, y1 = np.where(wraps, 0, start % height), np.where(wraps, height - 1, end % height)
+    low, high = np.full((2, n_segments), np.iinfo(np.int64).max), np.full((2, n_segments), -1)
+    np.minimum.at(low, (0, label), x0)
+    np.minimum.at(low, (1, label), y0)
+    np.maximum.at(high, (0, label), x1)
+    np.maximum.at(high, (1, label), y1)
+    boxes = np.zeros((n_segments, 4), np.int64)
+    present = areas > 0
+    boxes[present, :2] = low.T[present]
+    boxes[present, 2:] = high.T[present] - low.T[present] + 1
+    return areas, boxes
+
+
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 

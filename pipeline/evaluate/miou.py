@@ -218,7 +218,7 @@ def evaluate_miou(gt: str, pred: str, classes: int | str | Sequence[str] | None 
             raise SegpipeError("--classes: a COCO panoptic ground truth brings its own categories; leave it out")
         from pipeline.evaluate.pq import evaluate_pq  # pq reports this view; imported here, as pq imports miou
 
-        return evaluate_pq(gt, pred, gt_dir, pred_dir, workers, address)["semantic"]
+        return evaluate_pq(gt, pred, gt_dir, pred_dir, workers, address, shard_size)["semantic"]
     if classes is None:
         raise SegpipeError("--classes: give the class list (a JSON file) or the number of classes")
     names = load_classes(classes)
