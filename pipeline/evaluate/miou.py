@@ -6,7 +6,9 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
+import pyspng
 
 from pipeline.errors import SegpipeError
 from pipeline.evaluate.match import Overlaps
@@ -37,16 +39,35 @@ class ConfusionStats:
 def image_confusion(gt: np.ndarray, pred: np.ndarray, n_classes: int, ignore_index: int, where: str) -> ConfusionStats:
     """The confusion of one pair of label maps; a prediction pixel equal to `ignore_index` is VOID."""
     _check_same_size(gt, pred, where)
-    for side, labels in (("ground truth", gt), ("prediction", pred)):
+    stats = ConfusionStats.zeros(n_classes)
+    kind = np.promote_types(gt.dtype, pred.dtype) if gt.dtype != pred.dtype else gt.dtype
+    kind = kind if kind in (np.uint8, np.uint16) else np.int64
+    labels = [np.require(a, kind, "CW").ravel() for a in (gt, pred)]  # the kernel takes writable C arrays
+    if _add_pixels(*labels, n_classes, ignore_index, stats.matrix):
+        return stats
+    for side, labels in (("ground truth", gt), ("prediction", pred)):  # the slow path says what is wrong
         stray = labels[(labels >= n_classes) & (labels != ignore_index)]
         if stray.size:
             raise SegpipeError(f"{where}: {side} has class index {int(stray.max())}, not below {n_classes} "
                                f"classes nor the ignore value {ignore_index}")
-    valid = gt != ignore_index
-    g, p = gt[valid].astype(np.int64), pred[valid].astype(np.int64)
-    p[p == ignore_index] = n_classes
-    counts = np.bincount(g * (n_classes + 1) + p, minlength=n_classes * (n_classes + 1))
-    return ConfusionStats(counts.reshape(n_classes, n_classes + 1))
+    raise SegpipeError(f"{where}: a class index below 0")
+
+
+@numba.njit([f"b1({t}[:], {t}[:], i8, i8, i8[:, :])" for t in ("u1", "u2", "i8")], cache=True, nogil=True)
+def _add_pixels(gt, pred, n_classes, ignore_index, matrix):
+    """Count every valid pixel into `matrix` in one pass; False at the first label that is neither a class
+    nor the ignore value, on either side (the counts are then left half done and thrown away)."""
+    for i in range(len(gt)):
+        g, p = np.int64(gt[i]), np.int64(pred[i])
+        if p == ignore_index:
+            p = n_classes
+        elif p >= n_classes or p < 0:
+            return False
+        if g != ignore_index:
+            if g >= n_classes or g < 0:
+                return False
+            matrix[g, p] += 1
+    return True
 
 
 def _check_same_size(gt: np.ndarray, pred: np.ndarray, where: str) -> None:
@@ -158,6 +179,12 @@ def load_classes(spec: int | str | Sequence[str]) -> list[str]:
 def read_label_png(data: bytes, where: str) -> np.ndarray:
     """A single-channel label PNG (8- or 16-bit grey, or palette indices) as an array of class indices."""
     from PIL import Image
+
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24:26] == b"\x08\x00":
+        try:  # 8-bit grey, the usual label PNG: pyspng decodes it about 3x faster than Pillow
+            return pyspng.load(data)
+        except Exception:  # pyspng raises a bare Exception for corrupt data: Pillow says what is wrong below
+            pass
 
     try:
         image = Image.open(io.BytesIO(data))
