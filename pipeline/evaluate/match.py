@@ -170,13 +170,7 @@ class Labelling:
         starts, ends, labels, counts, unlisted = [], [], [], [], {}
         base = 0
         for position, (ids, listed) in enumerate(zip(id_maps, segment_ids)):
-            flat = ids.T.ravel() & 0xFFFFFF  # column-major, as RLE runs
-            change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-            run_start = np.concatenate(([0], change))
-            run_end = np.concatenate((change, [flat.size]))
-            run_id = flat[run_start]
-            keep = run_id != 0
-            run_start, run_end, run_id = run_start[keep], run_end[keep], run_id[keep].astype(np.int64)
+            run_start, run_end, run_id = _id_runs(np.ascontiguousarray(ids.T, np.uint32).ravel())  # column-major
             keys = np.asarray(listed, np.int64)
             order = np.argsort(keys, kind="stable")
             slot = np.minimum(np.searchsorted(keys[order], run_id), max(len(keys) - 1, 0))
@@ -219,6 +213,34 @@ def measure(labelling: Labelling, n_segments: int, heights: Sequence[int]) -> tu
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+@numba.njit("UniTuple(i8[:], 3)(u4[:])", cache=True, nogil=True)
+def _id_runs(flat):
+    """Runs of equal ids (bits above 24 ignored) in a column-major flattened id map, VOID left out.
+
+    Two passes (count, then fill) rather than growing arrays: arrays reassigned inside the loop cost numba
+    reference counting on every pixel, 20x slower.
+    """
+    n = len(flat)
+    runs = 0
+    for position in range(n):
+        if (position == 0 or (flat[position] ^ flat[position - 1]) & 0xFFFFFF) and flat[position] & 0xFFFFFF:
+            runs += 1
+    start, end, label = np.empty(runs, np.int64), np.empty(runs, np.int64), np.empty(runs, np.int64)
+    k, current = -1, np.int64(0)
+    for position in range(n):
+        value = np.int64(flat[position] & 0xFFFFFF)
+        if value != current or position == 0:
+            if k >= 0 and current != 0:
+                end[k] = position
+            if value != 0:
+                k += 1
+                start[k], label[k] = position, value
+            current = value
+    if k >= 0 and current != 0:
+        end[k] = n
+    return start, end, label
 
 
 class OverlapError(ValueError):
