@@ -107,7 +107,7 @@ def convert(
     out: Annotated[str, typer.Argument(help="Dataset table folder (from COCO), or COCO JSON (from a table).")],
     png_dir: Annotated[Optional[str], typer.Option(help="Panoptic PNG folder of SRC, or of OUT from a table (default: the JSON path without .json).")] = None,
     images: Annotated[Optional[str], typer.Option(help="Image folder: the table records each image's URI in it.")] = None,
-    row_group_images: Annotated[int, typer.Option(min=1, help="Images per Parquet row group; a shard of images reads only its row groups.")] = 1000,
+    row_group_images: Annotated[int, typer.Option(min=1, help="Images per Parquet row group; evaluation reads a shard of 500 images, so 500 reads one row group a shard.")] = 500,
     gt: Annotated[Optional[str], typer.Option(help="SRC is a COCO results file on this ground truth: write OUT as a predictions table.")] = None,
 ) -> None:
     """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly; a results file to a predictions table.

@@ -36,7 +36,7 @@ class Converted:
 
 
 def convert(src: str, out: str, png_dir: str | None = None, images_dir: str | None = None,
-            row_group_images: int = 1000, gt: str | None = None) -> Converted:
+            row_group_images: int = 500, gt: str | None = None) -> Converted:
     """A COCO file to a dataset table folder, or a dataset table folder to a COCO file (the direction from SRC);
     with `gt`, SRC is a COCO results file and OUT its predictions table."""
     if gt is not None:
@@ -50,7 +50,7 @@ def convert(src: str, out: str, png_dir: str | None = None, images_dir: str | No
 
 
 def coco_to_table(src: str, out: str, png_dir: str | None = None, images_dir: str | None = None,
-                  row_group_images: int = 1000) -> Converted:
+                  row_group_images: int = 500) -> Converted:
     """A COCO instances or panoptic file (+ PNG folder, default SRC without .json) as a dataset table at OUT.
 
     Rows are written in image-id order, a row group per `row_group_images` images; each row keeps its
@@ -284,7 +284,7 @@ def _chunk(src: str, rows: list[tuple[dict, list[dict]]], images_dir: str | None
 # --- COCO results -> predictions table ---------------------------------------------------------
 
 
-def results_to_predictions(src: str, gt: str, out: str, row_group_images: int = 1000) -> Converted:
+def results_to_predictions(src: str, gt: str, out: str, row_group_images: int = 500) -> Converted:
     """A COCO results file as a predictions table folder (schemas/predictions.json), evaluated as the file is.
 
     Each result becomes one row; its segment id is its 1-based position in the file (results may
