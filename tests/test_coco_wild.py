@@ -372,3 +372,14 @@ def test_negative_scores_and_sizes_score_like_pycocotools(tmp_path):
     results[3]["bbox"] = [25, 25, -5, 5]
     for iou_type in ("segm", "bbox"):
         _assert_equal(tmp_path, gt, results, iou_type=iou_type)
+
+
+
+def test_rle_of_another_size_than_its_image_is_refused_in_one_line(tmp_path):
+    """pycocotools scores such a pair IoU -1 where the boxes meet (never a match): no reading intends it."""
+    mask = np.zeros((SIZE + 1, SIZE), np.uint8, order="F")
+    mask[2:6, 2:6] = 1
+    rle = mask_utils.encode(mask)
+    results = [{**_results()[0], "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}]
+    _refused(tmp_path, _gt(), results, "results.json", "image 1: result",
+             f"RLE size [{SIZE + 1}, {SIZE}] differs from the image's [{SIZE}, {SIZE}]")

@@ -546,6 +546,8 @@ def _ground_truth(gt: str, iou_type: str) -> tuple[list[dict], dict, list[dict] 
     if iou_type == "segm":
         _check_sizes(data["images"], gt)
     sizes = {im["id"]: (im.get("height"), im.get("width")) for im in data["images"]}
+    if iou_type == "segm":
+        _check_rle_sizes(data["annotations"], sizes, gt, "annotation")
     categories = {c["id"] for c in data["categories"]}
     return data["categories"], sizes, [a for a in data["annotations"] if a.get("category_id") in categories], None
 
@@ -584,6 +586,7 @@ def _detections(pred: str, sizes: dict, category_index: dict, iou_type: str, dro
             problem = _segmentation_problem(r["segmentation"]) if "segmentation" in r else None
             if problem:
                 raise SegpipeError(f"{pred}: result {position} (image {r['image_id']}): {problem}")
+        _check_rle_sizes(results, sizes, pred, "result")
     return results, [], box_branch, dropped
 
 
@@ -628,6 +631,18 @@ def _check_truths(annotations: list, iou_type: str, where: str) -> None:
     if iou_type == "segm" and annotations and all(a["segmentation"] == [] for a in annotations):
         # a box dataset converted to COCO: each [] reads as an empty mask, so mask AP would be 0 throughout
         raise SegpipeError(f"{where}: no annotation has a mask (every 'segmentation' is []): use --iou-type bbox")
+
+
+def _check_rle_sizes(items: list, sizes: dict, where: str, what: str) -> None:
+    """An RLE mask must have its image's size: pycocotools scores a pair of other sizes IoU -1 (never a
+    match) only where their boxes meet, which no reading of the file intends, so it is refused."""
+    for item in items:
+        segmentation = item.get("segmentation")
+        if isinstance(segmentation, dict) and item.get("image_id") in sizes:
+            size = list(segmentation.get("size", []))
+            if size != list(sizes[item["image_id"]]):
+                raise SegpipeError(f"{where}: image {item['image_id']}: {what} {item.get('id', '')}".rstrip()
+                                   + f": RLE size {size} differs from the image's {list(sizes[item['image_id']])}")
 
 
 def _segmentation_problem(segmentation: object) -> str | None:
@@ -698,6 +713,13 @@ def _table_instances(rows: pa.Table, shard: _Shard, truth: bool) -> Instances:
             raise SegpipeError(f"{shard.gt_table}: image {rows['image_id'][k]}: annotation {rows['segment_id'][k]}: "
                                "no 'segmentation' (detection-only ground truth: use --iou-type bbox)")
         masks = replace(decode_arrow(rows["rle"]), heights=rows["height"].to_numpy().astype(np.int64))
+        sizes = np.array([shard.sizes[i] for i in rows["image_id"].to_pylist()], np.int64).reshape(-1, 2)
+        bad = np.flatnonzero((masks.heights != sizes[:, 0]) | (masks.totals != sizes[:, 0] * sizes[:, 1]))
+        if len(bad):
+            k = int(bad[0])
+            where = shard.gt_table if truth else shard.pred_files[0]
+            raise SegpipeError(f"{where}: image {rows['image_id'][k]}: a mask of {masks.totals[k]} pixels with height "
+                               f"{masks.heights[k]}, the image is {sizes[k][0]}x{sizes[k][1]}")
     if truth:
         ids = rows["segment_id"].to_numpy()
         return Instances(rows["image_id"].to_numpy(), category, rows["area"].to_numpy().astype(np.float64), boxes,
