@@ -91,9 +91,9 @@ def _assert_equal(tmp_path, gt, results, reference_gt=None, reference_results=No
     return ours
 
 
-def _refused(tmp_path, gt, results, *words, command=("eval", "ap"), options=()):
-    """The CLI exits 2 with one line on stderr naming the file and the item."""
-    gt_path, results_path = _write(tmp_path, gt, results)
+def _refused(tmp_path, gt, results, *words, command=("eval", "ap"), options=(), files=None):
+    """The CLI exits 2 with one line on stderr naming the file and the item (`files`: written already)."""
+    gt_path, results_path = files or _write(tmp_path, gt, results)
     result = runner.invoke(app, [*command, "--gt", gt_path, "--pred", results_path, *options])
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.output
@@ -383,3 +383,65 @@ def test_rle_of_another_size_than_its_image_is_refused_in_one_line(tmp_path):
     results = [{**_results()[0], "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}]
     _refused(tmp_path, _gt(), results, "results.json", "image 1: result",
              f"RLE size [{SIZE + 1}, {SIZE}] differs from the image's [{SIZE}, {SIZE}]")
+
+
+def _edit(path: str, change) -> str:
+    data = json.loads(open(path).read())
+    change(data)
+    open(path, "w").write(json.dumps(data))
+    return path
+
+
+def test_panoptic_files_panopticapi_would_score_nonsense_on_are_one_line(tmp_path):
+    """A ground-truth area under the pixels it shares (panopticapi: IoU above 1, or a division by 0), a
+    segment id 0 (VOID in the PNG), a string image id, a category without isthing: one line each."""
+    full = np.zeros((SIZE, SIZE), np.uint32)
+    full[:20], full[20:, :20] = 1, 2
+    gt, pred = _panoptic_file(tmp_path, "gt", {1: full}), _panoptic_file(tmp_path, "pred", {1: full})
+    understated = _edit(gt, lambda d: d["annotations"][0]["segments_info"][0].update(area=3))
+    _refused(tmp_path, json.loads(open(understated).read()), None, "image 1: ground-truth segment 1 has area 3",
+             "shares 800 pixels", command=("eval", "pq"), files=(understated, pred))
+    _edit(gt, lambda d: d["annotations"][0]["segments_info"][0].update(area=800))
+    zero = _edit(pred, lambda d: d["annotations"][0]["segments_info"][0].update(id=0))
+    _refused(tmp_path, None, None, "image 1: segment id 0 is not in 1..16777215 (0 is VOID)", command=("eval", "pq"),
+             files=(gt, zero))
+    _edit(pred, lambda d: d["annotations"][0]["segments_info"][0].update(id=1))
+    text = _edit(gt, lambda d: d["annotations"][0].update(image_id="1"))
+    _refused(tmp_path, None, None, "image id '1' is not an integer", command=("eval", "pq"), files=(text, pred))
+    _edit(gt, lambda d: d["annotations"][0].update(image_id=1))
+    no_isthing = _edit(gt, lambda d: d["categories"][0].pop("isthing"))
+    _refused(tmp_path, None, None, "category 7 has no 'isthing'", command=("eval", "pq"), files=(no_isthing, pred))
+
+
+def test_things_are_isthing_1_as_in_panopticapi(tmp_path):
+    """panopticapi counts a category as a thing only where isthing == 1; any other value is stuff."""
+    from pipeline.evaluate.pq import evaluate_pq
+
+    full = np.zeros((SIZE, SIZE), np.uint32)
+    full[:20], full[20:, :20] = 1, 2
+    gt = _edit(_panoptic_file(tmp_path, "gt", {1: full}), lambda d: d["categories"][0].update(isthing=2))
+    result = evaluate_pq(gt, _panoptic_file(tmp_path, "pred", {1: full}))
+    assert (result["Things"]["n"], result["Stuff"]["n"], result["All"]["pq"]) == (0, 2, 1.0)
+
+
+def test_string_image_ids_are_one_line_for_ap(tmp_path):
+    """pycocotools sorts ids as given ("10" before "2"): reading them as numbers would reorder tied scores."""
+    gt = _gt()
+    for image in gt["images"]:
+        image["id"] = str(image["id"])
+    _refused(tmp_path, gt, _results(), "instances.json", "image id '1' is not an integer")
+
+
+def test_a_later_result_with_an_empty_bbox_scores_like_pycocotools_in_the_mask_branch(tmp_path):
+    """The mask branch (the first result has no bbox) keeps a later "bbox": []; COCOeval never reads it for segm."""
+    results = [_compressed(r) for r in _results()]
+    results[2]["bbox"] = []
+    _assert_equal(tmp_path, _gt(), results)
+
+
+def test_rle_counts_that_do_not_cover_the_image_are_one_line(tmp_path):
+    rle = mask_utils.encode(np.zeros((SIZE, SIZE), np.uint8, order="F"))
+    short = {"size": [SIZE, SIZE], "counts": mask_utils.encode(np.zeros((SIZE, SIZE - 1), np.uint8, order="F"))["counts"].decode()}
+    assert rle["counts"].decode() != short["counts"]
+    results = [{**_results()[0], "segmentation": short}]
+    _refused(tmp_path, _gt(), results, f"image 1: a mask's RLE covers {SIZE * (SIZE - 1)} pixels, the image has {SIZE * SIZE}")

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.errors import SegpipeError
 from pipeline.evaluate.match import Runs, decode_arrow, decode_strings, pair_intersections
-from pipeline.evaluate.pq import category_positions
+from pipeline.evaluate.pq import check_integer_ids, category_positions
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import read_json
 from pipeline.io.tables import is_dataset_table, open_dataset_table, parquet_files, read_columns, read_rows
@@ -369,7 +369,7 @@ def detection_instances(results: Sequence[dict], sizes: dict, category_index: di
         masks = _masks([r["segmentation"] for r in results], image, sizes)
         areas = masks.areas.astype(np.float64)
         boxes = coco_boxes(masks)
-        given = [k for k, r in enumerate(results) if "bbox" in r]
+        given = [k for k, r in enumerate(results) if len(r.get("bbox") or ()) == 4]  # else the mask's box, as loadRes
         if given:
             boxes[given] = np.asarray([results[k]["bbox"] for k in given], np.float64).reshape(-1, 4)
     return Instances(image, np.fromiter((category_index[r["category_id"]] for r in results), np.int64, n),
@@ -409,7 +409,13 @@ def _masks(segmentations: list, image: np.ndarray, sizes: dict) -> Runs:
             _rasterise(polygons, owners, height, width, strings)
         k = end
     heights = np.fromiter((sizes[int(i)][0] for i in image), np.int64, len(image))
-    return replace(decode_strings(strings), heights=heights)
+    pixels = np.fromiter((sizes[int(i)][0] * sizes[int(i)][1] for i in image), np.int64, len(image))
+    runs = decode_strings(strings)
+    short = np.flatnonzero(runs.totals != pixels)
+    if len(short):  # pycocotools would walk such runs past their end
+        k = int(short[0])
+        raise SegpipeError(f"image {image[k]}: a mask's RLE covers {runs.totals[k]} pixels, the image has {pixels[k]}")
+    return replace(runs, heights=heights)
 
 
 def _rasterise(polygons: list, owners: list, height: int, width: int, strings: list) -> None:
@@ -545,6 +551,7 @@ def _ground_truth(gt: str, iou_type: str) -> tuple[list[dict], dict, list[dict] 
     _check_truths(data["annotations"], iou_type, gt)
     if iou_type == "segm":
         _check_sizes(data["images"], gt)
+    check_integer_ids([im.get("id") for im in data["images"]], gt)
     sizes = {im["id"]: (im.get("height"), im.get("width")) for im in data["images"]}
     if iou_type == "segm":
         _check_rle_sizes(data["annotations"], sizes, gt, "annotation")

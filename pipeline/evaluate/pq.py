@@ -16,7 +16,7 @@ from pipeline.evaluate.miou import ConfusionStats, confusion_from_overlaps
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import join, read_json, url_to_fs
 from pipeline.io.tables import is_dataset_table, open_dataset_table, parquet_files, read_columns, read_rows
-from pipeline.structures import panoptic_words
+from pipeline.structures import MAX_SEGMENT_ID, panoptic_words
 from pipeline.validate import default_folder
 
 # IoU sums are kept exactly, as integers in units of 2^-53: a match has IoU in (0.5, 1], and every
@@ -101,6 +101,12 @@ def batch_stats(image_ids: Sequence, gt: PanopticSide, pred: PanopticSide, n_cat
     pairs = on_pred & (overlaps.gt >= 0)
     g, p, pixels = overlaps.gt[pairs], overlaps.pred[pairs], overlaps.pixels[pairs]
     candidate = (gt.category[g] == pred.category[p]) & (gt.category[g] >= 0) & ~gt.crowd[g]
+    understated = np.flatnonzero(candidate & (gt.area[g] < pixels))
+    if len(understated):  # panopticapi takes the JSON's area: an IoU above 1 (or a division by 0) would follow
+        k = int(understated[0])
+        raise SegpipeError(f"{where}: image {image_ids[gt.image[g[k]]]}: ground-truth segment {gt.id[g[k]]} has area "
+                           f"{gt.area[g[k]]:g} in its JSON but shares {pixels[k]} pixels with predicted segment "
+                           f"{pred.id[p[k]]}")
     # panopticapi: union = pred area + gt area (JSON) - intersection - pred on VOID, then a float division.
     union = ((pred_area[p] + gt.area[g]) - pixels) - void[p]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -110,7 +116,7 @@ def batch_stats(image_ids: Sequence, gt: PanopticSide, pred: PanopticSide, n_cat
     stats.semantic = confusion_from_overlaps(overlaps, gt.category, gt.crowd, pred.category, n_categories)
     match_category = gt.category[g[match]]
     stats.tp += np.bincount(match_category, minlength=n_categories)
-    units = (iou[match] * 2.0**_IOU_SCALE_BITS).astype(np.int64)  # exact: IoU in (0.5, 1]
+    units = (iou[match] * 2.0**_IOU_SCALE_BITS).astype(np.int64)  # exact: IoU in (0.5, 1] (areas checked above)
     high = np.bincount(match_category, units >> 26, n_categories).astype(np.int64)  # each sum < 2^53: exact
     low = np.bincount(match_category, units & ((1 << 26) - 1), n_categories).astype(np.int64)
     stats.iou += np.array([(int(h) << 26) + int(lo) for h, lo in zip(high, low)], object)
@@ -167,6 +173,9 @@ def _segment_arrays(segments_per_image: Sequence[Sequence[dict]], category_index
         for s in segments:
             if s["id"] in seen:
                 raise SegpipeError(f"{where[position]}: image {image_ids[position]}: duplicate segment id {s['id']}")
+            if not (isinstance(s["id"], int) and 0 < s["id"] <= MAX_SEGMENT_ID):  # 0 is VOID in the PNG
+                raise SegpipeError(f"{where[position]}: image {image_ids[position]}: segment id {s['id']!r} is not in "
+                                   f"1..{MAX_SEGMENT_ID} (0 is VOID)")
             seen.add(s["id"])
             index = category_index.get(s["category_id"], -1)
             if index < 0 and not truth:
@@ -285,8 +294,8 @@ def summarize(stats: PQStats, categories: Sequence[dict]) -> dict:
             occurring[category["id"]] = figures
     result = {}
     for name, isthing in {"All": None, "Things": True, "Stuff": False}.items():
-        members = [occurring[c["id"]] for c in categories
-                   if c["id"] in occurring and (isthing is None or bool(c.get("isthing")) == isthing)]
+        members = [occurring[c["id"]] for c in categories  # panopticapi: a thing is isthing == 1
+                   if c["id"] in occurring and (isthing is None or (c.get("isthing") == 1) == isthing)]
         n = len(members)
         result[name] = {key: (sum(m[key] for m in members) / n if n else 0.0) for key in ("pq", "sq", "rq")}
         result[name]["n"] = n
@@ -380,6 +389,7 @@ def _ground_truth(gt: str, gt_dir: str | None) -> tuple[list[dict], list, list, 
         table = open_dataset_table(gt)
         if table.kind != "panoptic":
             raise SegpipeError(f"{gt}: a table of COCO {table.kind}, not panoptic (use `segpipe eval ap`)")
+        _check_isthing(table.categories, gt)
         images = table.images(columns=["image_id", "panoptic_file_name"])
         annotated = images.filter(images.column("panoptic_file_name").is_valid())
         ids = annotated.column("image_id").to_pylist()
@@ -387,9 +397,25 @@ def _ground_truth(gt: str, gt_dir: str | None) -> tuple[list[dict], list, list, 
     data = read_json(gt)
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("annotations", "categories", "images")):
         raise SegpipeError(f"{gt}: not a COCO panoptic file (needs 'images', 'annotations', 'categories')")
+    check_integer_ids([a.get("image_id") for a in data["annotations"]], gt)
+    _check_isthing(data["categories"], gt)
     # Sorted by image id, as tables are: each shard is then a run of ids (the sums are exact, so order is free).
     annotations = sorted(data["annotations"], key=lambda a: a["image_id"])
     return data["categories"], [a["image_id"] for a in annotations], annotations, _PngSource(gt_dir or default_folder(gt))
+
+
+def check_integer_ids(image_ids: list, where: str) -> None:
+    """COCO image ids are integers: tables store them so, and shards are runs of sorted ids."""
+    bad = next((i for i in image_ids if not isinstance(i, int) or isinstance(i, bool)), None)
+    if bad is not None or None in image_ids:
+        raise SegpipeError(f"{where}: image id {bad!r} is not an integer (COCO image ids are)")
+
+
+def _check_isthing(categories: list, where: str) -> None:
+    """Things and Stuff are told apart by `isthing` (panopticapi reads it and fails without it)."""
+    missing = next((c for c in categories if "isthing" not in c), None)
+    if missing is not None:
+        raise SegpipeError(f"{where}: category {missing.get('id')} has no 'isthing' (COCO panoptic categories need it)")
 
 
 def _predictions(pred: str, pred_dir: str | None, image_ids: list, category_index: dict, drop: bool
