@@ -270,6 +270,11 @@ def test_opening_something_else_is_an_error(tmp_path):
     (table / "segments.parquet").write_bytes(b"not parquet")
     with pytest.raises(SegpipeError, match="segments.parquet: cannot be read as Parquet"):
         open_dataset_table(str(table))
+    # Two writes' files side by side (a conversion that died between its two commits): refused, not mixed.
+    convert(str(_break(tmp_path, "instances", lambda d, f: None)), str(tmp_path / "again"))
+    shutil.copy(tmp_path / "again" / "segments.parquet", table / "segments.parquet")
+    with pytest.raises(SegpipeError, match="come from two different writes"):
+        open_dataset_table(str(table))
 
 
 def test_convert_has_help():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ SEGMENTS_FILE = "segments.parquet"
 IMAGES_FILE = "images.parquet"
 KIND_KEY = "segpipe.kind"  # Parquet key-value metadata: "instances" or "panoptic"
 COCO_KEY = "segpipe.coco"  # ... and the COCO file's top-level content but images and annotations, as JSON
+WRITE_KEY = "segpipe.write"  # ... and one id per write, the same in both files
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,11 @@ def open_dataset_table(uri: str) -> DatasetTable:
     fs, path = url_to_fs(uri)
     if not fs.isdir(path):
         raise SegpipeError(f"{uri}: not a segpipe dataset table (a folder holding {SEGMENTS_FILE} and {IMAGES_FILE})")
-    _checked_metadata(join(uri, SEGMENTS_FILE), "segments")
+    segments = _checked_metadata(join(uri, SEGMENTS_FILE), "segments")
     metadata = _checked_metadata(join(uri, IMAGES_FILE), "images")
+    if segments.get(WRITE_KEY) != metadata.get(WRITE_KEY):
+        raise SegpipeError(f"{uri}: {SEGMENTS_FILE} and {IMAGES_FILE} come from two different writes (one died "
+                           "between its two commits?): convert again")
     try:
         kind, coco = metadata[KIND_KEY], json.loads(metadata[COCO_KEY])
     except (KeyError, ValueError):
@@ -196,9 +201,10 @@ def write_dataset_table(uri: str, kind: str, coco: dict, chunks: Iterable[tuple[
     """Write a dataset table folder from (images, segments) chunks, one row group each; returns the row counts.
 
     Chunks must come in image-id order. Rows stream to the files, so memory holds one chunk; each file is
-    committed atomically when all chunks are written (object stores: one upload, buffered in memory).
+    committed atomically when all chunks are written (object stores: one upload, buffered in memory). Both
+    files carry one write id, so a pair from two writes (one died between its two commits) is refused on open.
     """
-    metadata = {KIND_KEY: kind, COCO_KEY: json.dumps(coco, separators=(",", ":"))}
+    metadata = {KIND_KEY: kind, COCO_KEY: json.dumps(coco, separators=(",", ":")), WRITE_KEY: uuid.uuid4().hex}
     counts = [0, 0]
     with ExitStack() as stack:
         writers = []
@@ -212,6 +218,7 @@ def write_dataset_table(uri: str, kind: str, coco: dict, chunks: Iterable[tuple[
                     writer.write_table(table, row_group_size=table.num_rows)
                     counts[i] += table.num_rows
     return counts[0], counts[1]
+
 
 def read_rows(files: Sequence[str], first: int, last: int, columns: list[str]) -> pa.Table:
     """The rows with `first <= image_id <= last` from Parquet files, only `columns`: the filter prunes row groups
