@@ -445,3 +445,10 @@ def test_rle_counts_that_do_not_cover_the_image_are_one_line(tmp_path):
     assert rle["counts"].decode() != short["counts"]
     results = [{**_results()[0], "segmentation": short}]
     _refused(tmp_path, _gt(), results, f"image 1: a mask's RLE covers {SIZE * (SIZE - 1)} pixels, the image has {SIZE * SIZE}")
+
+
+def test_iscrowd_other_than_0_or_1_is_one_line(tmp_path):
+    """pycocotools ignores a ground truth with iscrowd 0.5 (truthy) yet unions it as a non-crowd (int 0)."""
+    gt = _gt()
+    gt["annotations"][1]["iscrowd"] = 0.5
+    _refused(tmp_path, gt, _results(), "instances.json", "image 1: annotation 2: 'iscrowd' is 0.5, expected 0 or 1")

@@ -631,6 +631,8 @@ def _check_truths(annotations: list, iou_type: str, where: str) -> None:
             problem = "no 'segmentation' (detection-only ground truth: use --iou-type bbox)"
         elif missing is not None:  # an area from the mask, the polygon or the box would each give other numbers
             problem = f"no '{missing}'"
+        elif a.get("iscrowd", 0) not in (0, 1):  # pycocotools ignores a truthy one but unions it as int(iscrowd)
+            problem = f"'iscrowd' is {a['iscrowd']!r}, expected 0 or 1"
         else:
             problem = _segmentation_problem(a["segmentation"]) if iou_type == "segm" else None
         if problem:
