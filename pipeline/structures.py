@@ -145,33 +145,14 @@ class ImagePrediction:
 
 
 def rle_counts(counts: str) -> list[int]:
-    """Run lengths of a COCO compressed RLE string; ValueError for a malformed one.
+    """Run lengths of a COCO compressed RLE string; ValueError for a malformed one (the matcher's decoder)."""
+    from pipeline.evaluate.match import decode_strings  # numba loads only where RLE strings are read
 
-    The format (pycocotools' rleToString): each run is a signed number in 6-bit groups, low bits
-    first, written as chr(48 + group); bit 5 says another group follows, bit 4 of the last group is
-    the sign. From the third run on, the number is the difference to the run two places back.
-    """
-    runs: list[int] = []
-    position, length = 0, len(counts)
-    while position < length:
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= length:
-                raise ValueError("the counts string ends inside a run")
-            group = ord(counts[position]) - 48
-            if not 0 <= group < 64:
-                raise ValueError(f"character {counts[position]!r} at {position} is outside the RLE alphabet")
-            value |= (group & 0x1F) << shift
-            more = bool(group & 0x20)
-            position, shift = position + 1, shift + 5
-            if not more and group & 0x10:
-                value -= 1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        if value < 0:
-            raise ValueError(f"run {len(runs)} has negative length {value}")
-        runs.append(value)
-    return runs
+    if not counts.isascii():
+        position = next(k for k, c in enumerate(counts) if not c.isascii())
+        raise ValueError(f"character {counts[position]!r} at {position} is outside the RLE alphabet")
+    runs = decode_strings([counts])
+    return runs.lengths.tolist()
 
 
 # --- COCO panoptic PNG: id = R + 256 G + 256^2 B -----------------------------------------------

@@ -452,3 +452,9 @@ def test_iscrowd_other_than_0_or_1_is_one_line(tmp_path):
     gt = _gt()
     gt["annotations"][1]["iscrowd"] = 0.5
     _refused(tmp_path, gt, _results(), "instances.json", "image 1: annotation 2: 'iscrowd' is 0.5, expected 0 or 1")
+
+
+def test_a_malformed_rle_string_is_one_line(tmp_path):
+    """pycocotools decodes whatever the string holds; a string outside the RLE alphabet is named instead."""
+    results = [{**_results()[0], "segmentation": {"size": [SIZE, SIZE], "counts": "0é1"}}]
+    _refused(tmp_path, _gt(), results, "image 1: malformed RLE (character", "outside the RLE alphabet")

@@ -13,8 +13,8 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from pipeline.errors import SegpipeError
-from pipeline.evaluate.match import Runs, decode_arrow, decode_strings, pair_intersections
-from pipeline.evaluate.pq import check_integer_ids, category_positions
+from pipeline.evaluate.match import RleError, Runs, decode_arrow, decode_strings, index_of, pair_intersections
+from pipeline.evaluate import check_integer_ids, refuse_strays
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import read_json
 from pipeline.io.tables import is_dataset_table, open_dataset_table, parquet_files, read_columns, read_rows
@@ -386,18 +386,20 @@ def _masks(segmentations: list, image: np.ndarray, sizes: dict) -> Runs:
     """Runs of COCO segmentations, as COCO.annToRLE makes them: compressed RLE as is, uncompressed RLE
     compressed, polygons rasterised by pycocotools (one call per image) and merged, [] an empty mask."""
     strings: list = [None] * len(segmentations)
+    heights, pixels = np.zeros(len(image), np.int64), np.zeros(len(image), np.int64)
     k = 0
     while k < len(segmentations):
         end = k
         while end < len(segmentations) and image[end] == image[k]:
             end += 1
         height, width = sizes[int(image[k])]
+        heights[k:end], pixels[k:end] = height, height * width
         polygons, owners = [], []
         for i in range(k, end):
             segmentation = segmentations[i]
             if isinstance(segmentation, dict):
                 if isinstance(segmentation["counts"], str):
-                    strings[i] = segmentation["counts"].encode("ascii")
+                    strings[i] = segmentation["counts"]
                 else:
                     strings[i] = mask_utils.frPyObjects(segmentation, height, width)["counts"]
             elif not segmentation:
@@ -408,9 +410,10 @@ def _masks(segmentations: list, image: np.ndarray, sizes: dict) -> Runs:
         if polygons:
             _rasterise(polygons, owners, height, width, strings)
         k = end
-    heights = np.fromiter((sizes[int(i)][0] for i in image), np.int64, len(image))
-    pixels = np.fromiter((sizes[int(i)][0] * sizes[int(i)][1] for i in image), np.int64, len(image))
-    runs = decode_strings(strings)
+    try:
+        runs = decode_strings(strings)
+    except RleError as error:
+        raise SegpipeError(f"image {image[error.index]}: malformed RLE ({error})") from None
     short = np.flatnonzero(runs.totals != pixels)
     if len(short):  # pycocotools would walk such runs past their end
         k = int(short[0])
@@ -573,7 +576,7 @@ def _detections(pred: str, sizes: dict, category_index: dict, iou_type: str, dro
             dropped += _unknown_categories(columns["category_id"].to_pylist(), category_index, uri, drop)
         if not seen:
             raise SegpipeError(f"{files[0]}: the predictions table is empty")
-        _check_images(seen, sizes, "predictions table")
+        refuse_strays(seen, sizes, "predictions table", "detection")
         return None, files, True, dropped  # the table's rows carry boxes, as its COCO results export does
     results = read_json(pred)
     if not isinstance(results, list):
@@ -583,7 +586,7 @@ def _detections(pred: str, sizes: dict, category_index: dict, iou_type: str, dro
     for position, r in enumerate(results):
         if not isinstance(r, dict) or not {"image_id", "category_id", "score"} <= r.keys():
             raise SegpipeError(f"{pred}: result {position} lacks image_id, category_id or score")
-    _check_images({r["image_id"] for r in results}, sizes, pred)
+    refuse_strays({r["image_id"] for r in results}, sizes, pred, "detection")
     dropped = _unknown_categories([r["category_id"] for r in results], category_index, pred, drop)
     box_branch = loads_as_boxes(results)
     if not box_branch and "segmentation" not in results[0]:
@@ -595,13 +598,6 @@ def _detections(pred: str, sizes: dict, category_index: dict, iou_type: str, dro
                 raise SegpipeError(f"{pred}: result {position} (image {r['image_id']}): {problem}")
         _check_rle_sizes(results, sizes, pred, "result")
     return results, [], box_branch, dropped
-
-
-def _check_images(seen: set, images: dict, where: str) -> None:
-    stray = sorted(seen - images.keys(), key=str)
-    if stray:
-        raise SegpipeError(f"{where}: detection for image {stray[0]}, which is not in the ground truth"
-                           + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""))
 
 
 def _unknown_categories(category_ids: list, category_index: dict, where: str, drop: bool) -> int:
@@ -706,7 +702,7 @@ def _evaluate_shard(shard: _Shard) -> Statistics:
 def _table_instances(rows: pa.Table, shard: _Shard, truth: bool) -> Instances:
     """Instances from table rows: masks straight from the RLE strings. Detections take the box branch of
     loadRes (area = box w * h), as the table's COCO results export would."""
-    category = category_positions(rows["category_id"].to_numpy(), shard.category_index)
+    category = index_of(list(shard.category_index), rows["category_id"].to_numpy())  # it enumerates the ids
     if (category < 0).any():  # unknown categories were refused, or are to be dropped
         rows, category = rows.filter(pa.array(category >= 0)), category[category >= 0]
     image = rows["image_id"].to_numpy()
@@ -722,7 +718,8 @@ def _table_instances(rows: pa.Table, shard: _Shard, truth: bool) -> Instances:
             raise SegpipeError(f"{shard.gt_table}: image {rows['image_id'][k]}: annotation {rows['segment_id'][k]}: "
                                "no 'segmentation' (detection-only ground truth: use --iou-type bbox)")
         masks = replace(decode_arrow(rows["rle"]), heights=rows["height"].to_numpy().astype(np.int64))
-        sizes = np.array([shard.sizes[i] for i in rows["image_id"].to_pylist()], np.int64).reshape(-1, 2)
+        sizes = np.array([shard.sizes[i] for i in shard.image_ids], np.int64).reshape(-1, 2)  # ids sorted
+        sizes = sizes[np.searchsorted(np.asarray(shard.image_ids), rows["image_id"].to_numpy())]
         bad = np.flatnonzero((masks.heights != sizes[:, 0]) | (masks.totals != sizes[:, 0] * sizes[:, 1]))
         if len(bad):
             k = int(bad[0])

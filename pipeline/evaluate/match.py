@@ -61,10 +61,15 @@ def decode_counts(data: np.ndarray, offsets: np.ndarray) -> Runs:
     data = np.asarray(data, np.uint8)
     if not data.flags.writeable:  # the compiled kernel takes writable arrays; bytes objects give read-only ones
         data = data.copy()
-    lengths, run_offsets, areas, totals, bad, reason = _decode(data, np.asarray(offsets, np.int64))
+    offsets = np.asarray(offsets, np.int64)
+    lengths, run_offsets, areas, totals, bad, reason, where, value = _decode(data, offsets)
     if bad >= 0:
-        raise RleError(int(bad), ("the counts string ends inside a run", "a character outside the RLE alphabet",
-                                  "a negative run length", "a run longer than 2^60")[reason])
+        if reason == 0:
+            raise RleError(int(bad), "the counts string ends inside a run")
+        if reason == 1:
+            raise RleError(int(bad), f"character {chr(value)!r} at {where} is outside the RLE alphabet")
+        raise RleError(int(bad), f"run {where} has negative length {value}" if reason == 2 else
+                       f"run {where} is longer than 2^55")
     return Runs(lengths, run_offsets, areas, totals)
 
 
@@ -83,15 +88,17 @@ def decode_arrow(column) -> Runs:
 
 
 def decode_strings(strings: Sequence[str | bytes]) -> Runs:
-    """`decode_counts` of Python strings (a JSON file's `counts`)."""
-    encoded = [s.encode("ascii") if isinstance(s, str) else s for s in strings]
+    """`decode_counts` of Python strings (a JSON file's `counts`); a non-ASCII character is outside the alphabet."""
+    encoded = [s.encode("utf-8") if isinstance(s, str) else s for s in strings]
     offsets = np.zeros(len(encoded) + 1, np.int64)
     np.cumsum([len(s) for s in encoded], out=offsets[1:])
     return decode_counts(np.frombuffer(b"".join(encoded), np.uint8), offsets)
 
 
-@numba.njit("Tuple((i8[:], i8[:], i8[:], i8[:], i8, i8))(u1[:], i8[:])", cache=True, nogil=True)
+@numba.njit("Tuple((i8[:], i8[:], i8[:], i8[:], i8, i8, i8, i8))(u1[:], i8[:])", cache=True, nogil=True)
 def _decode(data, offsets):
+    """The runs of every string, with each mask's area and total; on a malformed string, its index, the
+    reason (0 cut short, 1 bad character, 2 negative run, 3 too long) and where (character or run) and what."""
     n = len(offsets) - 1
     lengths = np.empty(len(data), np.int64)  # every run takes at least one character
     run_offsets = np.empty(n + 1, np.int64)
@@ -105,12 +112,12 @@ def _decode(data, offsets):
             value, shift, more = 0, 0, True
             while more:
                 if position >= end:
-                    return lengths[:k], run_offsets, areas, totals, i, 0
+                    return lengths[:k], run_offsets, areas, totals, i, 0, 0, 0
                 group = np.int64(data[position]) - 48
                 if group < 0 or group >= 64:
-                    return lengths[:k], run_offsets, areas, totals, i, 1
+                    return lengths[:k], run_offsets, areas, totals, i, 1, position - offsets[i], group + 48
                 if shift > 55:
-                    return lengths[:k], run_offsets, areas, totals, i, 3
+                    return lengths[:k], run_offsets, areas, totals, i, 3, k - first, 0
                 value |= (group & 0x1F) << shift
                 more = (group & 0x20) != 0
                 position += 1
@@ -120,14 +127,14 @@ def _decode(data, offsets):
             if k - first > 2:
                 value += lengths[k - 2]
             if value < 0:
-                return lengths[:k], run_offsets, areas, totals, i, 2
+                return lengths[:k], run_offsets, areas, totals, i, 2, k - first, value
             lengths[k] = value
             totals[i] += value
             if (k - first) % 2 == 1:
                 areas[i] += value
             k += 1
     run_offsets[n] = k
-    return lengths[:k], run_offsets, areas, totals, -1, 0
+    return lengths[:k], run_offsets, areas, totals, -1, 0, 0, 0
 
 
 # --- labellings: disjoint labelled intervals per image --------------------------------------------
@@ -171,21 +178,29 @@ class Labelling:
         base = 0
         for position, (ids, listed) in enumerate(zip(id_maps, segment_ids)):
             run_start, run_end, run_id = _id_runs(np.ascontiguousarray(ids.T, np.uint32).ravel())  # column-major
-            keys = np.asarray(listed, np.int64)
-            order = np.argsort(keys, kind="stable")
-            slot = np.minimum(np.searchsorted(keys[order], run_id), max(len(keys) - 1, 0))
-            found = (keys[order][slot] == run_id) if len(keys) else np.zeros(len(run_id), bool)
-            label = np.where(found, base + order[slot] if len(keys) else 0, UNLISTED)
-            if not found.all():
-                unlisted[position] = int(run_id[np.argmin(found)])
+            index = index_of(listed, run_id)
+            if (index < 0).any():
+                unlisted[position] = int(run_id[np.argmax(index < 0)])
             starts.append(run_start)
             ends.append(run_end)
-            labels.append(label)
+            labels.append(np.where(index >= 0, base + index, UNLISTED))
             counts.append(len(run_start))
-            base += len(keys)
+            base += len(listed)
         offsets = np.zeros(len(counts) + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
         return cls(_cat(starts), _cat(ends), _cat(labels), offsets, unlisted)
+
+
+def index_of(keys: Sequence[int], values: np.ndarray) -> np.ndarray:
+    """Each value's position in `keys` (the first, for a repeated key), -1 where it is not there: one sort
+    and a binary search, however many values (segment ids in a PNG, category ids in a table)."""
+    keys = np.asarray(keys, np.int64)
+    values = np.asarray(values, np.int64)
+    if not len(keys):
+        return np.full(len(values), -1, np.int64)
+    order = np.argsort(keys, kind="stable")
+    slot = np.minimum(np.searchsorted(keys[order], values), len(keys) - 1)
+    return np.where(keys[order][slot] == values, order[slot], -1).astype(np.int64)
 
 
 def measure(labelling: Labelling, n_segments: int, heights: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from pipeline.errors import SegpipeError
 from pipeline.evaluate import miou
-from pipeline.evaluate.match import VOID, Labelling, OverlapError, Overlaps, RleError, decode_arrow
+from pipeline.evaluate import check_integer_ids, refuse_strays
+from pipeline.evaluate.match import VOID, Labelling, OverlapError, Overlaps, RleError, decode_arrow, index_of
 from pipeline.evaluate.miou import ConfusionStats, confusion_from_overlaps
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import join, read_json, url_to_fs
@@ -198,7 +199,6 @@ def png_side(segments_per_image: Sequence[Sequence[dict]], id_maps, category_ind
     With `drop_unknown`, predicted segments of categories the ground truth lacks become VOID pixels.
     """
     if drop_unknown:
-        segments_per_image = [list(segments) for segments in segments_per_image]
         unknown = [[s["id"] for s in segments if s["category_id"] not in category_index] for segments in segments_per_image]
         segments_per_image = [[s for s in segments if s["category_id"] in category_index] for segments in segments_per_image]
         id_maps = (_void(ids, void) for ids, void in zip(id_maps, unknown))
@@ -222,7 +222,7 @@ def table_side(rows, positions: np.ndarray, n_images: int, category_index: dict[
         order = np.argsort(positions, kind="stable")
         rows, positions = rows.take(order), positions[order]
     categories = rows.column("category_id").to_numpy()
-    category = category_positions(categories, category_index)
+    category = index_of(list(category_index), categories)  # the index enumerates the category list
     if drop_unknown and not truth and (category < 0).any():
         known = category >= 0
         rows, positions, categories, category = rows.filter(pa.array(known)), positions[known], categories[known], category[known]
@@ -252,16 +252,6 @@ def table_side(rows, positions: np.ndarray, n_images: int, category_index: dict[
     area = rows.column("area").to_numpy().astype(np.float64) if truth else np.zeros(len(ids))
     return PanopticSide(positions, ids, category, rows.column("iscrowd").to_numpy(zero_copy_only=False).astype(bool),
                         area, labelling, "table")
-
-
-def category_positions(category_ids: np.ndarray, category_index: dict[int, int]) -> np.ndarray:
-    """Each category id's index in the category list, -1 for an id the list lacks (vectorised lookup)."""
-    known = np.fromiter(category_index, np.int64, len(category_index))
-    order = np.argsort(known)
-    slot = np.minimum(np.searchsorted(known[order], category_ids), max(len(known) - 1, 0))
-    index = np.fromiter(category_index.values(), np.int64, len(category_index))[order]
-    found = known[order][slot] == category_ids if len(known) else np.zeros(len(category_ids), bool)
-    return np.where(found, index[slot] if len(known) else 0, -1).astype(np.int64)
 
 
 def _check_unique(positions: np.ndarray, ids: np.ndarray, where: str, image_ids: Sequence) -> None:
@@ -404,13 +394,6 @@ def _ground_truth(gt: str, gt_dir: str | None) -> tuple[list[dict], list, list, 
     return data["categories"], [a["image_id"] for a in annotations], annotations, _PngSource(gt_dir or default_folder(gt))
 
 
-def check_integer_ids(image_ids: list, where: str) -> None:
-    """COCO image ids are integers: tables store them so, and shards are runs of sorted ids."""
-    bad = next((i for i in image_ids if not isinstance(i, int) or isinstance(i, bool)), None)
-    if bad is not None or None in image_ids:
-        raise SegpipeError(f"{where}: image id {bad!r} is not an integer (COCO image ids are)")
-
-
 def _check_isthing(categories: list, where: str) -> None:
     """Things and Stuff are told apart by `isthing` (panopticapi reads it and fails without it)."""
     missing = next((c for c in categories if "isthing" not in c), None)
@@ -427,8 +410,8 @@ def _predictions(pred: str, pred_dir: str | None, image_ids: list, category_inde
         columns = source.scan(["image_id", "segment_id", "category_id"])
         if not columns.num_rows:
             raise SegpipeError(f"{pred}: the predictions table is empty")
-        _refuse_strays(set(columns["image_id"].to_pylist()), image_ids, pred)
-        unknown = np.flatnonzero(category_positions(columns["category_id"].to_numpy(), category_index) < 0)
+        refuse_strays(set(columns["image_id"].to_pylist()), image_ids, pred, "prediction")
+        unknown = np.flatnonzero(index_of(list(category_index), columns["category_id"].to_numpy()) < 0)
         if len(unknown) and not drop:
             k = int(unknown[0])
             _refuse_unknown(pred, columns["image_id"][k], columns["segment_id"][k], columns["category_id"][k])
@@ -439,7 +422,7 @@ def _predictions(pred: str, pred_dir: str | None, image_ids: list, category_inde
     if not data["annotations"]:
         raise SegpipeError(f"{pred}: holds no predictions")
     by_image = {a.get("image_id"): a for a in data["annotations"]}
-    _refuse_strays(by_image.keys(), image_ids, pred)
+    refuse_strays(by_image.keys(), image_ids, pred, "prediction")
     missing = [i for i in image_ids if i not in by_image]
     if missing:
         raise SegpipeError(f"{pred}: no prediction for image {missing[0]}"
@@ -454,13 +437,6 @@ def _predictions(pred: str, pred_dir: str | None, image_ids: list, category_inde
 def _refuse_unknown(where: str, image_id, segment_id, category_id) -> None:
     raise SegpipeError(f"{where}: image {image_id}: segment {segment_id} has unknown category_id {category_id} "
                        "(--drop-unknown-categories makes such segments VOID)")
-
-
-def _refuse_strays(seen, image_ids: list, where: str) -> None:
-    stray = sorted(set(seen) - set(image_ids), key=str)
-    if stray:
-        raise SegpipeError(f"{where}: prediction for image {stray[0]}, which is not in the ground truth"
-                           + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""))
 
 
 @without_cyclic_gc
@@ -490,8 +466,7 @@ def _read_side(source: _PngSource | _TableSource, shard: _Shard, entries: tuple,
     if isinstance(source, _TableSource):
         rows = source.rows(shard.image_ids, ["image_id", "segment_id", "category_id", "iscrowd", "area", "rle",
                                              "height", "width"])
-        position = {image_id: k for k, image_id in enumerate(shard.image_ids)}
-        positions = np.array([position[i] for i in rows.column("image_id").to_pylist()], np.int64)
+        positions = np.searchsorted(np.asarray(shard.image_ids), rows.column("image_id").to_numpy())  # ids sorted
         shapes[positions, 0] = rows.column("height").to_numpy()
         shapes[positions, 1] = rows.column("width").to_numpy()
         side = table_side(rows, positions, n, shard.category_index, truth, source.name, shard.image_ids,
@@ -516,7 +491,6 @@ class _Folder:
     """Files of one folder, its filesystem resolved once rather than per file."""
 
     def __init__(self, uri: str) -> None:
-
         self.uri = uri
         self.fs, self.root = url_to_fs(uri)
 
