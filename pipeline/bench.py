@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.bench_data import SHAPES, prepare_instances, prepare_panoptic
+from pipeline.bench_data import SHAPES, prepare_instances, prepare_panoptic, prepare_panoptic_shape
 
 # (tool, input) per task; the first is the reference the numbers are checked against.
 CASES = {
@@ -40,13 +40,15 @@ TARGETS = [  # (what, task, tool, input, against, at least): the issue's "Done m
 
 
 def plan(tasks: list[str], shapes: list[str], workers: list[int], tools: set[str] | None = None) -> list[dict]:
-    """The measurements: task entries are ap (every shape), ap-SHAPE, pq or miou. Reference tools are always kept."""
+    """The measurements: task entries are ap (every shape), ap-SHAPE, pq (synth and every shape), pq-SHAPE or miou.
+    Reference tools are always kept."""
     specs = []
     for entry in tasks:
         task, _, shape = entry.partition("-")
-        if task not in CASES or (shape and shape not in SHAPES):
-            raise ValueError(f"--tasks {entry!r}: use ap, {', '.join('ap-' + s for s in SHAPES)}, pq or miou")
+        if task not in CASES or (shape and (shape not in SHAPES or task == "miou")):
+            raise ValueError(f"--tasks {entry!r}: use ap, pq, {', '.join(t + '-' + s for t in ('ap', 'pq') for s in SHAPES)} or miou")
         variants = ([(s, iou) for s in ([shape] if shape else shapes) for iou in ("segm", "bbox")] if task == "ap"
+                    else [(s, None) for s in ([shape] if shape else ["synth", *shapes])] if task == "pq"
                     else [("synth", None)])
         for shape_name, iou_type in variants:
             for k, (tool, kind) in enumerate(CASES[task]):
@@ -64,17 +66,19 @@ def run(data: Path, images: int, height: int, width: int, repeat: int, workers: 
     """Prepare the data, run every planned measurement `repeat` times in fresh processes, report medians."""
     specs = plan(list(tasks), list(shapes), workers, tools)
     start = time.perf_counter()
-    paths = {}
+    paths = {}  # (task, shape) -> that measurement's input files
     for shape in sorted({s["shape"] for s in specs if s["task"] == "ap"}):
-        paths[shape] = prepare_instances(data / f"instances-{shape}", shape, images, height, width)
-    if any(s["task"] in ("pq", "miou") for s in specs):
-        paths["synth"] = prepare_panoptic(data / "panoptic", images, height, width)
+        paths["ap", shape] = prepare_instances(data / f"instances-{shape}", shape, images, height, width)
+    for shape in sorted({s["shape"] for s in specs if s["task"] == "pq" and s["shape"] != "synth"}):
+        paths["pq", shape] = prepare_panoptic_shape(data / f"panoptic-{shape}", shape, images, height, width)
+    if any(s["task"] in ("pq", "miou") and s["shape"] == "synth" for s in specs):
+        paths["pq", "synth"] = paths["miou", "synth"] = prepare_panoptic(data / "panoptic", images, height, width)
     echo(f"data ready in {time.perf_counter() - start:.0f} s: {images} images of {height}x{width} in {data}")
     cpus = sorted(os.sched_getaffinity(0))
     _warm_up(specs, paths, cpus)
     rows = []
     for spec in specs:
-        runs = [_child(spec, paths[spec["shape"]], cpus) for _ in range(repeat)]
+        runs = [_child(spec, paths[spec["task"], spec["shape"]], cpus) for _ in range(repeat)]
         rows.append(_row(spec, runs, images))
         echo(_line(rows[-1]))
     compare(rows)
@@ -93,7 +97,7 @@ def _warm_up(specs: list[dict], paths: dict, cpus: list[int]) -> None:
     for spec in specs:
         if spec["tool"] == "segpipe" and (spec["task"], spec["input"]) not in seen:
             seen.add((spec["task"], spec["input"]))
-            _child(spec, paths[spec["shape"]], cpus)
+            _child(spec, paths[spec["task"], spec["shape"]], cpus)
 
 
 def _row(spec: dict, runs: list[dict], images: int) -> dict:

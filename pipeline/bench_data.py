@@ -1,4 +1,5 @@
-"""The inputs of `segpipe bench eval`: COCO-shaped random instances (AP) and synth panoptic data (PQ, mIoU).
+"""The inputs of `segpipe bench eval`: COCO-shaped random instances (AP, and painted into panoptic maps for PQ)
+and synth panoptic data (PQ, mIoU).
 
 The instance data is drawn here, not rendered by `pipeline.synth`, so that segpipe is measured on data
 shaped like COCO's rather than on what its own tests use: star-shaped polygons with 2-decimal float
@@ -17,8 +18,10 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from pipeline.structures import encode_panoptic_png
+
 COCO_MISSING_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)  # COCO's 80 categories are 1..90 less these
-VERSION = 1  # bump when the data drawn for a seed changes, so caches are remade
+VERSION = 2  # bump when the data drawn for a seed changes, so caches are remade
 
 
 @dataclass(frozen=True)
@@ -192,14 +195,103 @@ def prepare_panoptic(folder: Path, images: int, height: int, width: int, seed: i
     return paths
 
 
+STUFF = [{"id": 184, "name": "tree", "isthing": 0}, {"id": 187, "name": "sky", "isthing": 0},
+         {"id": 193, "name": "grass", "isthing": 0}, {"id": 149, "name": "road", "isthing": 0}]
+
+
+def prepare_panoptic_shape(folder: Path, shape: str, images: int, height: int, width: int, seed: int = 0
+                           ) -> dict[str, Path]:
+    """A shape's random instances painted into panoptic PNG + JSON (GT: two stuff regions under the objects,
+    in file order, crowds kept as crowd, a VOID patch now and then; prediction: the stuff border moved and the
+    detections scoring at least 0.5 painted lowest score first), and both as tables; cached in `folder`."""
+    from pipeline.convert import convert
+
+    paths = panoptic_paths(folder)
+    wanted = {"shape": shape, "images": images, "height": height, "width": width, "seed": seed, "version": VERSION,
+              "panoptic": True, **asdict(SHAPES[shape])}
+    if _ready(folder, wanted):
+        return paths
+    rng = np.random.default_rng([seed, list(SHAPES).index(shape), 1])
+    gt, results = random_instances(SHAPES[shape], images, height, width, rng)
+    things = [{**c, "isthing": 1} for c in gt["categories"]]
+    sides = {"panoptic": {"images": gt["images"], "categories": things + STUFF, "annotations": []},
+             "panoptic_pred": {"images": gt["images"], "categories": things + STUFF, "annotations": []}}
+    truths, detections = {}, {}
+    for annotation in gt["annotations"]:
+        truths.setdefault(annotation["image_id"], []).append(annotation)
+    for result in results:
+        if result["score"] >= 0.5:
+            detections.setdefault(result["image_id"], []).append(result)
+    for image in gt["images"]:
+        horizon = int(rng.integers(height // 4, 3 * height // 4))
+        below, above = (int(c) for c in rng.choice([s["id"] for s in STUFF], 2, replace=False))
+        layers = [(m["category_id"], _mask(m["segmentation"], height, width), m["iscrowd"])
+                  for m in truths.get(image["id"], [])]
+        void = rng.random() < 0.3
+        for key, border, objects in (("panoptic", horizon, layers),
+                                     ("panoptic_pred", horizon + int(rng.normal(0, 8)),
+                                      [(d["category_id"], _mask(d["segmentation"], height, width), 0)
+                                       for d in sorted(detections.get(image["id"], []), key=lambda d: d["score"])])):
+            ids, info = _paint(rng, height, width, border, (above, below), objects, void and key == "panoptic")
+            name = f"{image['id']:012d}.png"
+            folder_png = paths[key].with_suffix("")
+            folder_png.mkdir(parents=True, exist_ok=True)
+            (folder_png / name).write_bytes(encode_panoptic_png(ids))
+            sides[key]["annotations"].append({"image_id": image["id"], "file_name": name, "segments_info": info})
+    for key, data in sides.items():
+        paths[key].write_text(json.dumps(data))
+    _panoptic_table(paths["panoptic_pred"], paths["panoptic_pred_table"])
+    convert(str(paths["panoptic"]), str(paths["panoptic_gt_table"]), row_group_images=100)
+    _mark_ready(folder, wanted)
+    return paths
+
+
+def _mask(segmentation: dict | list, height: int, width: int) -> np.ndarray:
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    else:
+        rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list) else \
+            {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _paint(rng: np.random.Generator, height: int, width: int, border: int, stuff: tuple[int, int], objects: list,
+           void: bool) -> tuple[np.ndarray, list[dict]]:
+    """An id map and its segments_info: two stuff regions split at `border`, the objects painted in order."""
+    index = np.zeros((height, width), np.int32)  # 0 VOID, k the k-th layer
+    index[:max(border, 0)] = 1
+    index[max(border, 0):] = 2
+    layers = [(stuff[0], 0), (stuff[1], 0)]
+    for category, mask, crowd in objects:
+        layers.append((category, crowd))
+        index[mask] = len(layers)
+    if void:
+        y, x = int(rng.integers(0, height - 20)), int(rng.integers(0, width - 20))
+        index[y:y + int(rng.integers(5, 40)), x:x + int(rng.integers(5, 40))] = 0
+    segment_ids = rng.choice(np.arange(1, 2**24), len(layers), replace=False)
+    ids = np.zeros((height, width), np.uint32)
+    areas = np.bincount(index.ravel(), minlength=len(layers) + 1)
+    info = []
+    for k, (category, crowd) in enumerate(layers, start=1):
+        if not areas[k]:
+            continue
+        where = index == k
+        ids[where] = segment_ids[k - 1]
+        rows, cols = np.flatnonzero(where.any(axis=1)), np.flatnonzero(where.any(axis=0))
+        info.append({"id": int(segment_ids[k - 1]), "category_id": category, "iscrowd": int(crowd),
+                     "area": int(areas[k]), "bbox": [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1),
+                                                     int(rows[-1] - rows[0] + 1)]})
+    return ids, info
+
+
 def _panoptic_table(pred_json: Path, out: Path, images_per_file: int = 100) -> None:
-    """The panoptic predictions as the predictions table `segpipe infer` writes (RLE rows, no PNGs)."""
+    """The panoptic predictions as a predictions table (RLE rows, no PNGs), in image-id order as tables are."""
     from pipeline.io.tables import write_predictions
     from pipeline.structures import ImagePrediction, decode_panoptic_png
 
     data = json.loads(pred_json.read_text())
     folder = pred_json.with_suffix("")
-    annotations = data["annotations"]
+    annotations = sorted(data["annotations"], key=lambda a: a["image_id"])
     for start in range(0, len(annotations), images_per_file):
         batch = [ImagePrediction.from_panoptic(a["image_id"], a["file_name"],
                                                decode_panoptic_png((folder / a["file_name"]).read_bytes(), a["file_name"]),

@@ -29,6 +29,7 @@ def test_every_row_has_numbers_but_ap_with_a_ground_truth_table_until_evaluate_a
     assert {(r["task"], r["tool"]) for r in report["rows"]} >= {
         ("ap", "pycocotools"), ("ap", "hotcoco"), ("ap", "segpipe"), ("pq", "hotcoco"), ("pq", "segpipe"),
         ("miou", "torchmetrics"), ("miou", "segpipe")}
+    assert {r["shape"] for r in report["rows"] if r["task"] == "pq"} == {"synth", "few", "many"}  # not only synth's data
 
 
 def test_speeds_are_the_other_tools_median_over_the_rows(report):
