@@ -39,9 +39,11 @@ TARGETS = [  # (what, task, tool, input, against, at least): the issue's "Done m
 ]
 
 
-def plan(tasks: list[str], shapes: list[str], workers: list[int], tools: set[str] | None = None) -> list[dict]:
+def plan(tasks: list[str], shapes: list[str], workers: list[int], tools: set[str] | None = None,
+         threads: list[int] = (0,)) -> list[dict]:
     """The measurements: task entries are ap (every shape), ap-SHAPE, pq (synth and every shape), pq-SHAPE or miou.
-    Reference tools are always kept."""
+    Reference tools are always kept. segpipe runs with each worker count and, in-process, each thread count
+    (0: its default, every core the process may use); the other tools use the threads they choose."""
     specs = []
     for entry in tasks:
         task, _, shape = entry.partition("-")
@@ -55,16 +57,17 @@ def plan(tasks: list[str], shapes: list[str], workers: list[int], tools: set[str
                 if k and tools is not None and tool not in tools and f"{tool}:{kind}" not in tools:
                     continue
                 for w in workers if tool == "segpipe" else [1]:
-                    specs.append({"task": task, "shape": shape_name, "iou_type": iou_type, "tool": tool,
-                                  "input": kind, "workers": w})
+                    for t in threads if tool == "segpipe" and w == 1 else [0]:
+                        specs.append({"task": task, "shape": shape_name, "iou_type": iou_type, "tool": tool,
+                                      "input": kind, "workers": w, "threads": t})
     return specs
 
 
 def run(data: Path, images: int, height: int, width: int, repeat: int, workers: list[int], out: Path | None,
         tasks: list[str] = ("ap", "pq", "miou"), shapes: list[str] = tuple(SHAPES), tools: set[str] | None = None,
-        echo=print) -> dict:
+        echo=print, threads: list[int] = (0,)) -> dict:
     """Prepare the data, run every planned measurement `repeat` times in fresh processes, report medians."""
-    specs = plan(list(tasks), list(shapes), workers, tools)
+    specs = plan(list(tasks), list(shapes), workers, tools, list(threads))
     start = time.perf_counter()
     paths = {}  # (task, shape) -> that measurement's input files
     for shape in sorted({s["shape"] for s in specs if s["task"] == "ap"}):
@@ -133,7 +136,8 @@ def compare(rows: list[dict]) -> None:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, each checked on every shape and IoU type it was measured on (workers 1)."""
+    """The issue's targets, each checked on every shape and IoU type (and thread count) it was measured on
+    with one worker."""
     found = []
     for what, task, tool, kind, against, least in TARGETS:
         for row in rows:
@@ -141,12 +145,13 @@ def targets(rows: list[dict]) -> list[dict]:
                 speed = row.get(f"speed_vs_{against}")
                 if speed is not None:
                     found.append({"target": what, "shape": row["shape"], "iou_type": row["iou_type"],
-                                  "speed": speed, "at_least": least, "met": speed >= least})
+                                  "threads": row["threads"], "speed": speed, "at_least": least, "met": speed >= least})
     return found
 
 
 def _line(row: dict) -> str:
-    name = f"{row['task']:4} {row['shape']:5} {row['iou_type'] or '':4} {row['tool']:16} {row['input']:15} w={row['workers']}"
+    name = (f"{row['task']:4} {row['shape']:5} {row['iou_type'] or '':4} {row['tool']:16} {row['input']:15} "
+            f"w={row['workers']} t={_threads(row)}")
     if row["numbers"] is None:
         return f"{name}  FAILED: {row['error']}"
     return f"{name}  {row['seconds']:7.2f} s  (cpu {row['cpu_seconds']:6.2f} s)  {row['peak_rss_mb']:6.0f} MB"
@@ -154,10 +159,11 @@ def _line(row: dict) -> str:
 
 def table(report: dict) -> str:
     """The rows as a fixed-width table; speeds are the other tool's median seconds over the row's."""
-    lines = [f"{'task':4} {'shape':5} {'iou':4} {'tool':16} {'input':15} {'w':>2} {'seconds':>8} {'img/s':>8} "
+    lines = [f"{'task':4} {'shape':5} {'iou':4} {'tool':16} {'input':15} {'w':>2} {'t':>3} {'seconds':>8} {'img/s':>8} "
              f"{'cpu s':>7} {'peak MB':>7} {'vs ref':>7} {'vs hot':>7} {'max diff':>8}"]
     for r in report["rows"]:
-        name = f"{r['task']:4} {r['shape']:5} {r['iou_type'] or '':4} {r['tool']:16} {r['input']:15} {r['workers']:>2}"
+        name = (f"{r['task']:4} {r['shape']:5} {r['iou_type'] or '':4} {r['tool']:16} {r['input']:15} {r['workers']:>2} "
+                f"{_threads(r):>3}")
         if r["numbers"] is None:
             lines.append(f"{name} FAILED: {r['error'].split(': ', 1)[-1][:90]}")
             continue
@@ -170,10 +176,15 @@ def table(report: dict) -> str:
     lines.append("(vs ref: speed against pycocotools for AP, hotcoco for PQ, torchmetrics for mIoU; vs hot: against "
                  "hotcoco's AP; cpu s: CPU time of all the process's threads, above seconds where a tool used more than one of "
                  f"the {len(report['cpus'])} pinned cores; max diff: of the numbers, against the reference's)")
-    lines += [f"target {t['target']} ({t['shape']}{' ' + t['iou_type'] if t['iou_type'] else ''}): "
+    lines += [f"target {t['target']} ({t['shape']}{' ' + t['iou_type'] if t['iou_type'] else ''}, "
+              f"{_threads(t)} threads): "
               f"{t['speed']:.1f}x, at least {t['at_least']:.0f}x: {'met' if t['met'] else 'NOT MET'}"
               for t in report["targets"]]
     return "\n".join(lines)
+
+
+def _threads(row: dict) -> str:
+    return str(row["threads"]) if row["threads"] else "all"
 
 
 def _x(speed: float | None) -> str:
@@ -201,11 +212,11 @@ def measure(spec: dict) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools and hotcoco print their summaries
         if spec["task"] == "ap":
-            numbers = _ap(spec["tool"], spec["input"], spec["iou_type"], paths, spec["workers"])
+            numbers = _ap(spec["tool"], spec["input"], spec["iou_type"], paths, spec["workers"], spec["threads"] or None)
         elif spec["task"] == "pq":
-            numbers = _pq(spec["tool"], spec["input"], paths, spec["workers"])
+            numbers = _pq(spec["tool"], spec["input"], paths, spec["workers"], spec["threads"] or None)
         else:
-            numbers = _miou(spec["tool"], spec["input"], paths, spec["workers"])
+            numbers = _miou(spec["tool"], spec["input"], paths, spec["workers"], spec["threads"] or None)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": _peak_rss_mb(),
             "numbers": [float(v) for v in numbers]}
@@ -232,13 +243,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _ap(tool: str, kind: str, iou_type: str, paths: dict, workers: int) -> list[float]:
+def _ap(tool: str, kind: str, iou_type: str, paths: dict, workers: int, threads: int | None) -> list[float]:
     if tool == "segpipe":
         from pipeline.evaluate.ap import evaluate_ap
 
         gt = paths["gt_table"] if kind == "tables" else paths["instances"]
         pred = paths["results"] if kind == "json" else paths["pred_table"]
-        return evaluate_ap(gt, pred, iou_type, workers=workers)["stats"]
+        return evaluate_ap(gt, pred, iou_type, workers=workers, threads=threads)["stats"]
     if tool == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -255,7 +266,7 @@ def _ap(tool: str, kind: str, iou_type: str, paths: dict, workers: int) -> list[
     return list(evaluator.stats)
 
 
-def _pq(tool: str, kind: str, paths: dict, workers: int) -> list[float]:
+def _pq(tool: str, kind: str, paths: dict, workers: int, threads: int | None) -> list[float]:
     if tool == "hotcoco":
         from hotcoco import panoptic
 
@@ -265,19 +276,20 @@ def _pq(tool: str, kind: str, paths: dict, workers: int) -> list[float]:
 
         gt = paths["panoptic_gt_table"] if kind == "tables" else paths["panoptic"]
         pred = paths["panoptic_pred"] if kind == "png" else paths["panoptic_pred_table"]
-        result = evaluate_pq(gt, pred, workers=workers)
+        result = evaluate_pq(gt, pred, workers=workers, threads=threads)
     return [result[g][m] for g in ("All", "Things", "Stuff") for m in ("pq", "sq", "rq")]
 
 
-def _miou(tool: str, kind: str, paths: dict, workers: int) -> list[float]:
+def _miou(tool: str, kind: str, paths: dict, workers: int, threads: int | None) -> list[float]:
     if tool == "torchmetrics":
         return _torchmetrics_miou(Path(paths["labels_gt"]), Path(paths["labels_pred"]), Path(paths["classes"]))
     from pipeline.evaluate.miou import evaluate_miou
 
     if kind == "panoptic":
-        result = evaluate_miou(paths["panoptic"], paths["panoptic_pred"], workers=workers)
+        result = evaluate_miou(paths["panoptic"], paths["panoptic_pred"], workers=workers, threads=threads)
     else:
-        result = evaluate_miou(paths["labels_gt"], paths["labels_pred"], classes=paths["classes"], workers=workers)
+        result = evaluate_miou(paths["labels_gt"], paths["labels_pred"], classes=paths["classes"], workers=workers,
+                               threads=threads)
     return [result[k] for k in ("mIoU", "fwIoU", "aAcc", "mAcc")]
 
 

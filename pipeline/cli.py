@@ -24,6 +24,8 @@ app.add_typer(bench_app, name="bench")
 
 Workers = Annotated[int, typer.Option(min=1, help="Local worker processes; 1 runs in this process. Output does not depend on it.")]
 Address = Annotated[Optional[str], typer.Option(help="Run the shards as Ray tasks on this cluster (auto, host:port, ray://...).")]
+Threads = Annotated[Optional[int], typer.Option(min=1, help="With --workers 1: shards evaluated at once on threads of this process "
+                                                        "(default: the cores it may use). Output does not depend on it.")]
 
 
 def _user_errors(command):
@@ -47,13 +49,13 @@ def _size(value: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def _counts(value: str, option: str) -> list[int]:
+def _counts(value: str, option: str, least: int = 1) -> list[int]:
     try:
         counts = [int(v) for v in value.split(",")]
     except ValueError:
         raise SegpipeError(f"{option} {value!r}: expected numbers separated by commas") from None
-    if min(counts) < 1:
-        raise SegpipeError(f"{option} {value!r}: each must be at least 1")
+    if min(counts) < least:
+        raise SegpipeError(f"{option} {value!r}: each must be at least {least}")
     return counts
 
 
@@ -239,6 +241,7 @@ def eval_pq(
         help="Make predicted segments of categories the ground truth lacks VOID instead of refusing them.")] = False,
     workers: Workers = 1,
     address: Address = None,
+    threads: Threads = None,
 ) -> None:
     """Panoptic quality (PQ, SQ, RQ) with the semantics of panopticapi's pq_compute, and the semantic view's mIoU.
 
@@ -248,7 +251,7 @@ def eval_pq(
 
     start = time.perf_counter()
     result = evaluate_pq(gt, pred, gt_dir=gt_dir, pred_dir=pred_dir, workers=workers, address=address,
-                         drop_unknown_categories=drop_unknown_categories)
+                         drop_unknown_categories=drop_unknown_categories, threads=threads)
     if result["dropped_segments"]:
         typer.echo(f"segpipe: made {result['dropped_segments']} segments of categories the ground truth lacks VOID",
                    err=True)
@@ -266,6 +269,7 @@ def eval_ap(
         help="Leave out detections of categories the ground truth lacks (as pycocotools does) instead of refusing.")] = False,
     workers: Workers = 1,
     address: Address = None,
+    threads: Threads = None,
 ) -> None:
     """COCO AP and AR (the 12 COCOeval numbers, and per class) with pycocotools' semantics.
 
@@ -275,7 +279,7 @@ def eval_ap(
 
     start = time.perf_counter()
     result = evaluate_ap(gt, pred, iou_type=iou_type, workers=workers, address=address,
-                         drop_unknown_categories=drop_unknown_categories)
+                         drop_unknown_categories=drop_unknown_categories, threads=threads)
     if result["dropped_detections"]:
         typer.echo(f"segpipe: dropped {result['dropped_detections']} detections of categories the ground truth lacks",
                    err=True)
@@ -294,6 +298,7 @@ def eval_miou(
     out: Annotated[Optional[str], typer.Option(help="Write the results JSON here.")] = None,
     workers: Workers = 1,
     address: Address = None,
+    threads: Threads = None,
 ) -> None:
     """Semantic segmentation: per-class IoU, mIoU, fwIoU, aAcc, mAcc (mmsegmentation's and detectron2's definitions).
 
@@ -303,7 +308,7 @@ def eval_miou(
 
     start = time.perf_counter()
     result = evaluate_miou(gt, pred, classes=classes, ignore_index=ignore_index, gt_dir=gt_dir, pred_dir=pred_dir,
-                           workers=workers, address=address)
+                           workers=workers, address=address, threads=threads)
     _report(result, format_table(result), out, start)
 
 
@@ -317,6 +322,7 @@ def bench_eval(
     shapes: Annotated[str, typer.Option(help="AP and PQ data shapes: few (~4 GT, ~6 detections an image), many (up to 80, tied scores).")] = "few,many",
     repeat: Annotated[int, typer.Option(min=1, help="Runs per measurement; the median is reported.")] = 3,
     workers: Annotated[str, typer.Option(help="segpipe worker counts, comma-separated (the other tools run once, on 1).")] = "1",
+    threads: Annotated[str, typer.Option(help="segpipe thread counts with one worker, comma-separated; 0: every core (its default).")] = "0",
     out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-eval.json",
 ) -> None:
     """AP, PQ and mIoU: segpipe against pycocotools, faster-coco-eval, hotcoco and torchmetrics, each in a fresh process."""
@@ -327,7 +333,7 @@ def bench_eval(
     height, width = _size(size)
     try:
         run(Path(data), images, height, width, repeat, _counts(workers, "--workers"), Path(out),
-            tasks=tasks.split(","), shapes=shapes.split(","), echo=typer.echo)
+            tasks=tasks.split(","), shapes=shapes.split(","), echo=typer.echo, threads=_counts(threads, "--threads", 0))
     except ValueError as error:
         raise SegpipeError(str(error)) from None
     typer.echo(f"report: {out}")

@@ -54,9 +54,10 @@ def test_the_table_holds_every_row_and_no_mismatch(report):
     assert "MISMATCH" not in table(report)
 
 
-def test_plan_keeps_the_references_and_adds_segpipe_workers():
-    specs = plan(["ap-few", "pq"], list(SHAPES), [1, 2], tools={"segpipe"})
-    assert {(s["tool"], s["workers"]) for s in specs if s["task"] == "pq"} == {("hotcoco", 1), ("segpipe", 1), ("segpipe", 2)}
+def test_plan_keeps_the_references_and_adds_segpipe_workers_and_threads():
+    specs = plan(["ap-few", "pq"], list(SHAPES), [1, 2], tools={"segpipe"}, threads=[0, 1])
+    assert {(s["tool"], s["workers"], s["threads"]) for s in specs if s["task"] == "pq"} == {
+        ("hotcoco", 1, 0), ("segpipe", 1, 0), ("segpipe", 1, 1), ("segpipe", 2, 0)}  # threads: with one worker
     assert {s["iou_type"] for s in specs if s["task"] == "ap"} == {"segm", "bbox"}
     with pytest.raises(ValueError, match="ap-some"):
         plan(["ap-some"], list(SHAPES), [1])

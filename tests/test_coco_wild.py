@@ -8,6 +8,7 @@ import contextlib
 import copy
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.evaluate.ap import evaluate_ap
 from pipeline.io.tables import write_predictions
-from pipeline.structures import ImagePrediction, Segment, encode_panoptic_png
+from pipeline.structures import ImagePrediction, Rle, Segment, encode_panoptic_png
 
 runner = CliRunner()
 SIZE = 40
@@ -209,7 +210,15 @@ def test_segm_on_detection_only_ground_truth_is_one_line(tmp_path):
     _assert_equal(tmp_path, gt, _results(), iou_type="bbox")
 
 
-def test_pq_on_an_instance_model_table_says_its_segments_overlap(tmp_path):
+@pytest.mark.parametrize("gt_form", ["json", "table"])
+@pytest.mark.parametrize("problem, words", [
+    ("overlap", ["image 1", "segments overlap", "instance predictions", "eval ap"]),
+    ("malformed", ["image 1: segment 2: malformed RLE (character ' ' at 1 is outside the RLE alphabet)"]),
+    ("size", [f"image 1: segment 2: the RLE covers {SIZE * SIZE // 2} pixels, the image has {SIZE * SIZE}"]),
+])
+def test_pq_on_a_bad_predictions_table_is_one_line_naming_the_segment(tmp_path, gt_form, problem, words):
+    """Against PNG ground truth a table's masks are laid out first; against a table both are swept image by
+    image, checked as they are decoded: the same line either way."""
     ids = np.zeros((SIZE, SIZE), np.uint32)
     ids[:20], ids[20:] = 1, 2
     (tmp_path / "panoptic").mkdir()
@@ -221,13 +230,23 @@ def test_pq_on_an_instance_model_table_says_its_segments_overlap(tmp_path):
     (tmp_path / "panoptic.json").write_text(json.dumps(gt))
     first, second = np.zeros((SIZE, SIZE), bool), np.zeros((SIZE, SIZE), bool)
     first[:24], second[16:] = True, True  # an instance model's masks overlap
+    segments = [Segment.from_mask(1, 7, first, 0.9), Segment.from_mask(2, 7, second, 0.8)]
+    if problem == "malformed":
+        segments[1] = replace(segments[1], rle=replace(segments[1].rle, counts="0 1"))
+    if problem == "size":  # a mask of another size: half the pixels
+        segments[1] = replace(segments[1], rle=Rle.from_mask(np.ones((SIZE // 2, SIZE), bool)))
     table = tmp_path / "instances" / "part-0.parquet"
-    write_predictions(str(table), [ImagePrediction(1, "1.jpg", SIZE, SIZE, (
-        Segment.from_mask(1, 7, first, 0.9), Segment.from_mask(2, 7, second, 0.8)))], "run", "maskrcnn")
-    result = runner.invoke(app, ["eval", "pq", "--gt", str(tmp_path / "panoptic.json"), "--pred", str(table.parent)])
+    write_predictions(str(table), [ImagePrediction(1, "1.jpg", SIZE, SIZE, tuple(segments))], "run", "maskrcnn")
+    gt_path = tmp_path / "panoptic.json"
+    if gt_form == "table":
+        converted = runner.invoke(app, ["convert", str(gt_path), str(tmp_path / "gt-table")])
+        assert converted.exit_code == 0, converted.output
+        gt_path = tmp_path / "gt-table"
+    result = runner.invoke(app, ["eval", "pq", "--gt", str(gt_path), "--pred", str(table.parent)])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
-    for words in (str(table.parent), "image 1", "segments overlap", "instance predictions", "eval ap"):
-        assert words in result.stderr, result.stderr
+    assert result.stderr.startswith(f"segpipe: error: {table.parent}: "), result.stderr
+    for phrase in words:
+        assert phrase in result.stderr, result.stderr
 
 
 # --- the sweep ---------------------------------------------------------------------------------

@@ -487,7 +487,7 @@ class _Shard:
 
 @without_cyclic_gc
 def evaluate_ap(gt: str, pred: str, iou_type: str = "segm", workers: int = 1, address: str | None = None,
-                shard_size: int = 500, drop_unknown_categories: bool = False) -> dict:
+                shard_size: int = 500, drop_unknown_categories: bool = False, threads: int | None = None) -> dict:
     """COCO AP of detections against ground truth, with pycocotools' numbers.
 
     Ground truth: a COCO instances JSON or an instances dataset table (`segpipe convert`); detections: a
@@ -514,7 +514,7 @@ def evaluate_ap(gt: str, pred: str, iou_type: str = "segm", workers: int = 1, ad
                              None if results is None else tuple(r for i in ids for r in by_image_results.get(i, ())),
                              gt_table, tuple(pred_files), box_branch, category_index, iou_type))
     total = Statistics.zeros(len(category_ids))
-    for stats in map_shards(_evaluate_shard, shards, workers, address):
+    for stats in map_shards(_evaluate_shard, shards, workers, address, threads):
         total += stats
     precision, recall = accumulate(total, len(category_ids))
     summary = summarize(precision, recall)

@@ -4,8 +4,9 @@ Every metric starts here. A side of an image (its ground truth or its prediction
 *labelling*: disjoint pixel intervals of the image in column-major order (COCO RLE's order), each
 carrying the index of the segment that owns it. Two labellings of an image are swept together once
 (`Overlaps`), whatever they came from: a panoptic PNG (runs of equal ids) or the COCO RLE strings of
-a table (decoded straight to runs, nothing painted). Overlapping masks (instances) are intersected
-pair by pair instead (`pair_intersections`). Metrics keep only their own union rule and statistics.
+a table (`RleLabelling`: decoded and checked image by image as they are swept, nothing painted, no
+batch-sized intervals kept). Overlapping masks (instances) are intersected pair by pair instead
+(`pair_intersections`). Metrics keep only their own union rule and statistics.
 """
 
 from __future__ import annotations
@@ -44,37 +45,50 @@ class Runs:
 
 
 class RleError(ValueError):
-    """A malformed COCO RLE string; `index` says which of the batch."""
+    """A malformed COCO RLE string; `index` says which of the batch (and `side`, "gt" or "pred", which side
+    where `Overlaps.of` found it)."""
 
     def __init__(self, index: int, reason: str) -> None:
         super().__init__(reason)
         self.index = index
+        self.side = ""
 
 
-def decode_counts(data: np.ndarray, offsets: np.ndarray) -> Runs:
+def decode_counts(data: np.ndarray, offsets: np.ndarray, keep_runs: bool = True) -> Runs:
     """Decode COCO compressed RLE strings given as one byte buffer and string offsets (Arrow's layout).
 
     The format (pycocotools' rleToString): each run is a signed number in 6-bit groups, low bits
     first, written as chr(48 + group); bit 5 says another group follows, bit 4 of the last group is
     the sign; from the third run on, the number is the difference to the run two places back.
+    Without `keep_runs`, only the areas and totals come back (a check of the strings; `lengths` is empty).
     """
     data = np.asarray(data, np.uint8)
     if not data.flags.writeable:  # the compiled kernel takes writable arrays; bytes objects give read-only ones
         data = data.copy()
     offsets = np.asarray(offsets, np.int64)
-    lengths, run_offsets, areas, totals, bad, reason, where, value = _decode(data, offsets)
+    lengths, run_offsets, areas, totals, bad, reason, where, value = _decode(data, offsets, keep_runs)
     if bad >= 0:
-        if reason == 0:
-            raise RleError(int(bad), "the counts string ends inside a run")
         if reason == 1:
             raise RleError(int(bad), f"character {chr(value)!r} at {where} is outside the RLE alphabet")
-        raise RleError(int(bad), f"run {where} has negative length {value}" if reason == 2 else
+        if reason == 2:
+            raise RleError(int(bad), f"run {where} has negative length {value}")
+        raise RleError(int(bad), "the counts string ends inside a run" if reason == 3 else
                        f"run {where} is longer than 2^55")
     return Runs(lengths, run_offsets, areas, totals)
 
 
 def decode_arrow(column) -> Runs:
     """`decode_counts` of an Arrow string column (array or chunked), straight from its buffers: no Python strings."""
+    return decode_counts(*arrow_strings(column))
+
+
+def decode_strings(strings: Sequence[str | bytes]) -> Runs:
+    """`decode_counts` of Python strings (a JSON file's `counts`); a non-ASCII character is outside the alphabet."""
+    return decode_counts(*python_strings(strings))
+
+
+def arrow_strings(column) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow string column's (array or chunked) bytes and string offsets, as `decode_counts` takes them."""
     import pyarrow as pa
 
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -84,55 +98,72 @@ def decode_arrow(column) -> Runs:
     _, offsets, data = array.buffers()
     offsets = np.frombuffer(offsets, np.int64, len(array) + 1, array.offset * 8)
     data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    return decode_counts(data, offsets)
+    return data, offsets
 
 
-def decode_strings(strings: Sequence[str | bytes]) -> Runs:
-    """`decode_counts` of Python strings (a JSON file's `counts`); a non-ASCII character is outside the alphabet."""
+def python_strings(strings: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Python strings' bytes and string offsets, as `decode_counts` takes them."""
     encoded = [s.encode("utf-8") if isinstance(s, str) else s for s in strings]
     offsets = np.zeros(len(encoded) + 1, np.int64)
     np.cumsum([len(s) for s in encoded], out=offsets[1:])
-    return decode_counts(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+    return np.frombuffer(b"".join(encoded), np.uint8), offsets
 
 
-@numba.njit("Tuple((i8[:], i8[:], i8[:], i8[:], i8, i8, i8, i8))(u1[:], i8[:])", cache=True, nogil=True)
-def _decode(data, offsets):
-    """The runs of every string, with each mask's area and total; on a malformed string, its index, the
-    reason (0 cut short, 1 bad character, 2 negative run, 3 too long) and where (character or run) and what."""
+@numba.njit(cache=True, nogil=True)
+def _number(data, position, end):
+    """The number written from `position` on, and the position after it; failure 0, or 3 where the string ends
+    inside it, 1 for a character outside the alphabet (then the character, and where), 4 past 2^55 bits."""
+    value, shift, more = 0, 0, True
+    while more:
+        if position >= end:
+            return 0, position, 3
+        group = np.int64(data[position]) - 48
+        if group < 0 or group >= 64:
+            return group + 48, position, 1
+        if shift > 55:
+            return 0, position, 4
+        value |= (group & 0x1F) << shift
+        more = (group & 0x20) != 0
+        position += 1
+        shift += 5
+        if not more and (group & 0x10) != 0:
+            value -= np.int64(1) << shift
+    return value, position, 0
+
+
+@numba.njit("Tuple((i8[:], i8[:], i8[:], i8[:], i8, i8, i8, i8))(u1[:], i8[:], b1)", cache=True, nogil=True)
+def _decode(data, offsets, keep_runs):
+    """The runs of every string (if `keep_runs`), with each mask's area and total; on a malformed string, its
+    index, the reason (1 bad character, 2 negative run, 3 cut short, 4 too long), where (character or run) and what."""
     n = len(offsets) - 1
-    lengths = np.empty(len(data), np.int64)  # every run takes at least one character
-    run_offsets = np.empty(n + 1, np.int64)
+    lengths = np.empty(len(data) if keep_runs else 0, np.int64)  # every run takes at least one character
+    run_offsets = np.zeros(n + 1, np.int64)
     areas = np.zeros(n, np.int64)
     totals = np.zeros(n, np.int64)
     k = 0
     for i in range(n):
         run_offsets[i] = k
-        first, position, end = k, offsets[i], offsets[i + 1]
+        position, end = offsets[i], offsets[i + 1]
+        run, total, area, previous, before = 0, 0, 0, 0, 0
         while position < end:
-            value, shift, more = 0, 0, True
-            while more:
-                if position >= end:
-                    return lengths[:k], run_offsets, areas, totals, i, 0, 0, 0
-                group = np.int64(data[position]) - 48
-                if group < 0 or group >= 64:
-                    return lengths[:k], run_offsets, areas, totals, i, 1, position - offsets[i], group + 48
-                if shift > 55:
-                    return lengths[:k], run_offsets, areas, totals, i, 3, k - first, 0
-                value |= (group & 0x1F) << shift
-                more = (group & 0x20) != 0
-                position += 1
-                shift += 5
-                if not more and (group & 0x10) != 0:
-                    value -= np.int64(1) << shift
-            if k - first > 2:
-                value += lengths[k - 2]
+            value, position, failure = _number(data, position, end)
+            if failure == 1:
+                return lengths[:k], run_offsets, areas, totals, i, 1, position - offsets[i], value
+            if failure:
+                return lengths[:k], run_offsets, areas, totals, i, failure, run, 0
+            if run > 2:
+                value += before  # the run two places back
             if value < 0:
-                return lengths[:k], run_offsets, areas, totals, i, 2, k - first, value
-            lengths[k] = value
-            totals[i] += value
-            if (k - first) % 2 == 1:
-                areas[i] += value
-            k += 1
+                return lengths[:k], run_offsets, areas, totals, i, 2, run, value
+            if keep_runs:
+                lengths[k] = value
+                k += 1
+            total += value
+            if run & 1:
+                area += value
+            before, previous = previous, value
+            run += 1
+        areas[i], totals[i] = area, total
     run_offsets[n] = k
     return lengths[:k], run_offsets, areas, totals, -1, 0, 0, 0
 
@@ -152,23 +183,6 @@ class Labelling:
     label: np.ndarray
     offsets: np.ndarray
     unlisted: dict = field(default_factory=dict)  # image position -> an id its map has and its list lacks
-
-    @classmethod
-    def from_runs(cls, runs: Runs, segment_image: np.ndarray, heights: np.ndarray) -> Labelling:
-        """From each segment's RLE runs; `segment_image` (sorted) is the image of each segment, `heights`
-        each image's height (intervals are ordered by column first, in linear time).
-
-        Raises `OverlapError` naming the first image where two segments share a pixel.
-        """
-        n_images = len(heights)
-        start, end, label, counts, overlapping = _label_runs(runs.lengths, runs.offsets,
-                                                            np.asarray(segment_image, np.int64),
-                                                            np.asarray(heights, np.int64))
-        if overlapping >= 0:
-            raise OverlapError(int(overlapping))
-        offsets = np.zeros(n_images + 1, np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        return cls(start, end, label, offsets)
 
     @classmethod
     def from_id_maps(cls, id_maps: Sequence[np.ndarray], segment_ids: Sequence[Sequence[int]]) -> Labelling:
@@ -261,73 +275,146 @@ def _id_runs(flat):
 class OverlapError(ValueError):
     """Two segments of one image share pixels where a panoptic segmentation needs disjoint segments."""
 
-    def __init__(self, image: int) -> None:
+    def __init__(self, image: int, side: str = "") -> None:
         super().__init__(f"image position {image}: segments overlap")
         self.image = image
+        self.side = side  # "gt" or "pred", where `Overlaps.of` knows it
+
+
+class RleSizeError(RleError):
+    """A well-formed RLE string whose runs do not cover its image exactly."""
+
+
+@dataclass(frozen=True)
+class RleLabelling:
+    """One side of a batch as the COCO RLE strings of disjoint segments, decoded image by image where it is
+    swept, and checked there: the intervals of a batch are never all in memory at once (writing and reading
+    them back costs more than the decoding). Segment s (a row of a table) is in image `segment_image[s]`
+    and has label s.
+    """
+
+    data: np.ndarray  # uint8, the strings back to back
+    offsets: np.ndarray  # int64, string s is data[offsets[s]:offsets[s + 1]]
+    segment_image: np.ndarray  # int64, non-decreasing
+    heights: np.ndarray  # int64, each image's
+    widths: np.ndarray
+
+    @classmethod
+    def of(cls, strings: tuple[np.ndarray, np.ndarray], segment_image: np.ndarray, heights: np.ndarray,
+           widths: np.ndarray) -> RleLabelling:
+        """From strings as `arrow_strings` or `python_strings` give them."""
+        data, offsets = strings
+        if not data.flags.writeable:  # the compiled kernels take writable arrays
+            data = data.copy()
+        return cls(np.asarray(data, np.uint8), np.asarray(offsets, np.int64),
+                   *(np.asarray(a, np.int64) for a in (segment_image, heights, widths)))
+
+    def check(self) -> Runs:
+        """Each segment's area and total (no runs kept); `RleError` names the first malformed string,
+        `RleSizeError` the first whose runs do not cover its image. The sweeps check as they decode; this
+        says what is wrong once one has failed."""
+        runs = decode_counts(self.data, self.offsets, keep_runs=False)
+        sizes = (self.heights * self.widths)[self.segment_image]
+        bad = np.flatnonzero(runs.totals != sizes)
+        if len(bad):
+            k = int(bad[0])
+            raise RleSizeError(k, f"the RLE covers {runs.totals[k]} pixels, the image has {sizes[k]}")
+        return runs
+
+    def labelling(self) -> Labelling:
+        """All the intervals at once, to sweep against a labelling from id maps; `OverlapError` names the
+        first image where two segments share a pixel, `RleError` the first bad string."""
+        start, end, label, counts, failed, code = _label_rle(self.data, self.offsets, self.segment_image,
+                                                            self.heights, self.widths)
+        if failed >= 0:
+            raise _failure(self, failed, code)
+        offsets = np.zeros(len(self.heights) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return Labelling(start, end, label, offsets)
 
 
 @numba.njit(cache=True, nogil=True)
-def _order_by_column(start, end, label, height):
-    """Sort one image's intervals by start in place: a counting sort by column, then insertion sort within
-    each column (a column holds few intervals). False when two intervals overlap."""
-    n = len(start)
-    columns = start[n - 1] // height + 1
+def _rle_image(data, offsets, first, last, height, width, scratch, bucket, start, end, label):
+    """Segments first..last-1 of one image as labelled intervals ordered by start, written to start, end and
+    label: decoded into `scratch` with each interval's column, then placed column by column (a counting
+    sort) and put in order within each column by insertion (a column holds few intervals). Returns how
+    many there are; -1 for a string `RleLabelling.check` refuses, -2 where two segments overlap."""
+    size = height * width
+    inverse = 1.0 / height if height > 0 else 0.0  # an image of no pixels takes no interval
+    bucket[:width + 1] = 0
+    n = 0
+    for s in range(first, last):
+        position, stop = offsets[s], offsets[s + 1]
+        pixel, run, previous, before = 0, 0, 0, 0
+        while position < stop:
+            value, position, failure = _number(data, position, stop)
+            if run > 2:
+                value += before
+            if failure or value < 0 or value > size - pixel:
+                return -1
+            if run & 1 and value:
+                column = np.int64(pixel * inverse)  # pixel // height without a division: exact below 2^52
+                column -= column * height > pixel
+                column += (column + 1) * height <= pixel
+                scratch[0, n], scratch[1, n], scratch[2, n], scratch[3, n] = pixel, pixel + value, s, column
+                bucket[column + 1] += 1
+                n += 1
+            pixel += value
+            before, previous = previous, value
+            run += 1
+        if pixel != size:
+            return -1
+    for column in range(width):
+        bucket[column + 1] += bucket[column]
     for i in range(n):
-        columns = max(columns, start[i] // height + 1)
-    bucket = np.zeros(columns + 1, np.int64)
-    for i in range(n):
-        bucket[start[i] // height + 1] += 1
-    for c in range(columns):
-        bucket[c + 1] += bucket[c]
-    order = np.empty(n, np.int64)
-    for i in range(n):
-        c = start[i] // height
-        order[bucket[c]] = i
-        bucket[c] += 1
-    s, e, lab = start[order], end[order], label[order]
-    for i in range(1, n):  # insertion sort: nearly sorted already
+        slot = bucket[scratch[3, i]]
+        bucket[scratch[3, i]] += 1
+        start[slot], end[slot], label[slot] = scratch[0, i], scratch[1, i], scratch[2, i]
+    for i in range(1, n):
         j = i
-        while j > 0 and s[j - 1] > s[j]:
-            s[j - 1], s[j] = s[j], s[j - 1]
-            e[j - 1], e[j] = e[j], e[j - 1]
-            lab[j - 1], lab[j] = lab[j], lab[j - 1]
+        while j > 0 and start[j - 1] > start[j]:
+            start[j - 1], start[j] = start[j], start[j - 1]
+            end[j - 1], end[j] = end[j], end[j - 1]
+            label[j - 1], label[j] = label[j], label[j - 1]
             j -= 1
-    for i in range(n):
-        start[i], end[i], label[i] = s[i], e[i], lab[i]
-        if i and start[i] < end[i - 1]:
-            return False
-    return True
+        if start[i] < end[i - 1]:
+            return -2
+    return n
 
 
-@numba.njit("Tuple((i8[:], i8[:], i8[:], i8[:], i8))(i8[:], i8[:], i8[:], i8[:])", cache=True, nogil=True)
-def _label_runs(lengths, run_offsets, segment_image, heights):
-    n_images, n_segments = len(heights), len(run_offsets) - 1
-    total = 0
-    for s in range(n_segments):
-        total += (run_offsets[s + 1] - run_offsets[s]) // 2
-    start = np.empty(total, np.int64)
-    end = np.empty(total, np.int64)
-    label = np.empty(total, np.int64)
+@numba.njit(cache=True, nogil=True)
+def _image_firsts(segment_image, n_images):
+    """Each image's first segment, and one past the last image's last."""
+    return np.searchsorted(segment_image, np.arange(n_images + 1))
+
+
+@numba.njit(cache=True, nogil=True)
+def _scratch(offsets, firsts, widths):
+    """Room for the intervals of any one image (a run takes a character at least, an interval two runs) and
+    the column counts of the widest."""
+    most = 1
+    for image in range(len(firsts) - 1):
+        most = max(most, offsets[firsts[image + 1]] - offsets[firsts[image]])
+    return np.empty((4, most // 2 + 1), np.int64), np.empty(widths.max() + 2 if len(widths) else 2, np.int64)
+
+
+@numba.njit("Tuple((i8[:], i8[:], i8[:], i8[:], i8, i8))(u1[:], i8[:], i8[:], i8[:], i8[:])", cache=True, nogil=True)
+def _label_rle(data, offsets, segment_image, heights, widths):
+    n_images = len(heights)
+    firsts = _image_firsts(segment_image, n_images)
+    scratch, bucket = _scratch(offsets, firsts, widths)
+    bound = len(data) // 2 + 1
+    start, end, label = np.empty(bound, np.int64), np.empty(bound, np.int64), np.empty(bound, np.int64)
     counts = np.zeros(n_images, np.int64)
     k = 0
-    s = 0
     for image in range(n_images):
-        first = k
-        while s < n_segments and segment_image[s] == image:
-            position = 0
-            for r in range(run_offsets[s], run_offsets[s + 1]):
-                length = lengths[r]
-                if (r - run_offsets[s]) % 2 == 1 and length > 0:
-                    start[k] = position
-                    end[k] = position + length
-                    label[k] = s
-                    k += 1
-                position += length
-            s += 1
-        counts[image] = k - first
-        if k - first > 1 and not _order_by_column(start[first:k], end[first:k], label[first:k], heights[image]):
-            return start[:k], end[:k], label[:k], counts, image
-    return start[:k], end[:k], label[:k], counts, -1
+        n = _rle_image(data, offsets, firsts[image], firsts[image + 1], heights[image], widths[image], scratch, bucket,
+                       start[k:], end[k:], label[k:])
+        if n < 0:
+            return start[:k], end[:k], label[:k], counts, image, n
+        counts[image] = n
+        k += n
+    return start[:k], end[:k], label[:k], counts, -1, 0
 
 
 # --- overlaps of two labellings ------------------------------------------------------------------
@@ -347,9 +434,42 @@ class Overlaps:
     pixels: np.ndarray
 
     @classmethod
-    def of(cls, gt: Labelling, pred: Labelling) -> Overlaps:
-        """Sweep each image's two labellings together: O(intervals), no pixel is visited."""
+    def of(cls, gt: Labelling | RleLabelling, pred: Labelling | RleLabelling) -> Overlaps:
+        """Sweep each image's two sides together: O(intervals), no pixel is visited. `OverlapError` (with its
+        side, "gt" or "pred") names the first image where two segments of an RLE side share a pixel."""
+        if isinstance(gt, RleLabelling) and isinstance(pred, RleLabelling):  # the tables' path: nothing materialised
+            image, g, p, pixels, failed, side, code = _sweep_rle(
+                gt.data, gt.offsets, gt.segment_image, gt.heights, gt.widths,
+                pred.data, pred.offsets, pred.segment_image, pred.heights, pred.widths)
+            if failed >= 0:
+                raise _failure((gt, pred)[side], failed, code, ("gt", "pred")[side])
+            return cls(image, g, p, pixels)
+        gt, pred = _intervals(gt, "gt"), _intervals(pred, "pred")
         return cls(*_sweep(gt.start, gt.end, gt.label, gt.offsets, pred.start, pred.end, pred.label, pred.offsets))
+
+
+def _failure(labelling: RleLabelling, image: int, code: int, side: str = "") -> ValueError:
+    """The error a sweep's failure at `image` stands for: an overlap, or the first bad string `check` names."""
+    if code == -2:
+        return OverlapError(int(image), side)
+    try:
+        labelling.check()
+    except RleError as error:
+        error.side = side
+        return error
+    raise AssertionError(f"image position {image}: the sweep refused a string the check accepts")
+
+
+def _intervals(side: Labelling | RleLabelling, name: str) -> Labelling:
+    if isinstance(side, Labelling):
+        return side
+    try:
+        return side.labelling()
+    except OverlapError as error:
+        raise OverlapError(error.image, name) from None
+    except RleError as error:
+        error.side = name
+        raise
 
 
 @numba.njit(cache=True, nogil=True)
@@ -374,46 +494,94 @@ def _unslot(slot, first):
     return slot - 2 + first if slot >= 2 else slot - 2
 
 
+@numba.njit(cache=True, nogil=True)
+def _sweep_image(image, g_start, g_end, g_label, p_start, p_end, p_label, out, k):
+    """One image's rows (image, gt, pred, pixels) appended to `out` from row k; returns `out` (grown if
+    needed) and the next free row."""
+    # Rows and columns of the image's table: 0 UNLISTED, 1 VOID, 2 + k the k-th segment from the first.
+    g_first, g_last = _label_range(g_label)
+    p_first, p_last = _label_range(p_label)
+    rows, columns = g_last - g_first + 3, p_last - p_first + 3
+    table = np.zeros(rows * columns, np.int64)
+    i_end, j_end = len(g_start), len(p_start)
+    if i_end and j_end:  # both lists are sorted and disjoint: a two-pointer walk, the current pair in registers
+        i = j = 0
+        g_low, g_high, g_row = g_start[0], g_end[0], _slot(g_label[0], g_first) * columns
+        p_low, p_high, p_column = p_start[0], p_end[0], _slot(p_label[0], p_first)
+        while True:
+            low = max(g_low, p_low)
+            if g_high <= p_high:
+                if low < g_high:
+                    table[g_row + p_column] += g_high - low
+                i += 1
+                if i == i_end:
+                    break
+                g_low, g_high, g_row = g_start[i], g_end[i], _slot(g_label[i], g_first) * columns
+            else:
+                if low < p_high:
+                    table[g_row + p_column] += p_high - low
+                j += 1
+                if j == j_end:
+                    break
+                p_low, p_high, p_column = p_start[j], p_end[j], _slot(p_label[j], p_first)
+    # What a segment has beyond its overlaps with the other side's segments lies on that side's VOID.
+    for i in range(i_end):
+        table[_slot(g_label[i], g_first) * columns + 1] += g_end[i] - g_start[i]
+    for j in range(j_end):
+        table[columns + _slot(p_label[j], p_first)] += p_end[j] - p_start[j]
+    for r in range(rows):
+        for c in range(columns):
+            if r != 1 and c != 1:
+                table[r * columns + 1] -= table[r * columns + c]
+                table[columns + c] -= table[r * columns + c]
+    if k + len(table) > out.shape[1]:
+        grown = np.empty((4, 2 * (k + len(table))), np.int64)
+        grown[:, :k] = out[:, :k]
+        out = grown
+    for r in range(rows):
+        for c in range(columns):
+            if table[r * columns + c]:
+                out[0, k], out[1, k], out[2, k] = image, _unslot(r, g_first), _unslot(c, p_first)
+                out[3, k] = table[r * columns + c]
+                k += 1
+    return out, k
+
+
 @numba.njit("UniTuple(i8[:], 4)(i8[:], i8[:], i8[:], i8[:], i8[:], i8[:], i8[:], i8[:])", cache=True, nogil=True)
 def _sweep(g_start, g_end, g_label, g_offsets, p_start, p_end, p_label, p_offsets):
-    n_images = len(g_offsets) - 1
-    out = np.empty((4, len(g_start) + len(p_start) + 16), np.int64)  # rows: image, gt, pred, pixels
+    out = np.empty((4, 1024), np.int64)
+    k = 0
+    for image in range(len(g_offsets) - 1):
+        i0, i1, j0, j1 = g_offsets[image], g_offsets[image + 1], p_offsets[image], p_offsets[image + 1]
+        out, k = _sweep_image(image, g_start[i0:i1], g_end[i0:i1], g_label[i0:i1], p_start[j0:j1], p_end[j0:j1],
+                              p_label[j0:j1], out, k)
+    return out[0, :k].copy(), out[1, :k].copy(), out[2, :k].copy(), out[3, :k].copy()
+
+
+@numba.njit("Tuple((i8[:], i8[:], i8[:], i8[:], i8, i8, i8))(u1[:], i8[:], i8[:], i8[:], i8[:], u1[:], i8[:], i8[:], "
+            "i8[:], i8[:])", cache=True, nogil=True)
+def _sweep_rle(g_data, g_offsets, g_image, g_heights, g_widths, p_data, p_offsets, p_image, p_heights, p_widths):
+    """`_sweep` of two RLE sides, each image decoded into scratch just before its sweep; also the first image
+    that fails (or -1), its side (0 gt, 1 pred) and `_rle_image`'s code."""
+    n_images = len(g_heights)
+    g_firsts, p_firsts = _image_firsts(g_image, n_images), _image_firsts(p_image, n_images)
+    g_scratch, g_bucket = _scratch(g_offsets, g_firsts, g_widths)
+    p_scratch, p_bucket = _scratch(p_offsets, p_firsts, p_widths)
+    g_sorted, p_sorted = np.empty((3, g_scratch.shape[1]), np.int64), np.empty((3, p_scratch.shape[1]), np.int64)
+    out = np.empty((4, 1024), np.int64)
     k = 0
     for image in range(n_images):
-        i0, i1, j0, j1 = g_offsets[image], g_offsets[image + 1], p_offsets[image], p_offsets[image + 1]
-        # Rows and columns of the image's table: 0 UNLISTED, 1 VOID, 2 + k the k-th segment from the first.
-        g_first, g_last = _label_range(g_label[i0:i1])
-        p_first, p_last = _label_range(p_label[j0:j1])
-        table = np.zeros((g_last - g_first + 3, p_last - p_first + 3), np.int64)
-        i, j = i0, j0
-        while i < i1 and j < j1:  # both lists are sorted and disjoint: a two-pointer walk
-            low, high = max(g_start[i], p_start[j]), min(g_end[i], p_end[j])
-            if low < high:
-                table[_slot(g_label[i], g_first), _slot(p_label[j], p_first)] += high - low
-            if g_end[i] < p_end[j]:
-                i += 1
-            else:
-                j += 1
-        # What a segment has beyond its overlaps with the other side's segments lies on that side's VOID.
-        for i in range(i0, i1):
-            table[_slot(g_label[i], g_first), 1] += g_end[i] - g_start[i]
-        for j in range(j0, j1):
-            table[1, _slot(p_label[j], p_first)] += p_end[j] - p_start[j]
-        for r in range(table.shape[0]):
-            for c in range(table.shape[1]):
-                if r != 1 and c != 1:
-                    table[r, 1] -= table[r, c]
-                    table[1, c] -= table[r, c]
-        if k + table.size > out.shape[1]:
-            grown = np.empty((4, 2 * (k + table.size)), np.int64)
-            grown[:, :k] = out[:, :k]
-            out = grown
-        for r in range(table.shape[0]):
-            for c in range(table.shape[1]):
-                if table[r, c]:
-                    out[0, k], out[1, k], out[2, k], out[3, k] = image, _unslot(r, g_first), _unslot(c, p_first), table[r, c]
-                    k += 1
-    return out[0, :k].copy(), out[1, :k].copy(), out[2, :k].copy(), out[3, :k].copy()
+        n = _rle_image(g_data, g_offsets, g_firsts[image], g_firsts[image + 1], g_heights[image], g_widths[image],
+                       g_scratch, g_bucket, g_sorted[0], g_sorted[1], g_sorted[2])
+        if n < 0:
+            return out[0, :k].copy(), out[1, :k].copy(), out[2, :k].copy(), out[3, :k].copy(), image, 0, n
+        m = _rle_image(p_data, p_offsets, p_firsts[image], p_firsts[image + 1], p_heights[image], p_widths[image],
+                       p_scratch, p_bucket, p_sorted[0], p_sorted[1], p_sorted[2])
+        if m < 0:
+            return out[0, :k].copy(), out[1, :k].copy(), out[2, :k].copy(), out[3, :k].copy(), image, 1, m
+        out, k = _sweep_image(image, g_sorted[0, :n], g_sorted[1, :n], g_sorted[2, :n], p_sorted[0, :m],
+                              p_sorted[1, :m], p_sorted[2, :m], out, k)
+    return out[0, :k].copy(), out[1, :k].copy(), out[2, :k].copy(), out[3, :k].copy(), -1, -1, 0
 
 
 # --- pairwise intersections of overlapping masks (instances) ------------------------------------

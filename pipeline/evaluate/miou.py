@@ -232,7 +232,7 @@ def _png_names(folder: str) -> set[str]:
 
 def evaluate_miou(gt: str, pred: str, classes: int | str | Sequence[str] | None = None, ignore_index: int = 255,
                   gt_dir: str | None = None, pred_dir: str | None = None, workers: int = 1,
-                  address: str | None = None, shard_size: int = 50) -> dict:
+                  address: str | None = None, shard_size: int = 50, threads: int | None = None) -> dict:
     """mIoU and friends of semantic label PNG folders, or of COCO panoptic ground truth (a JSON + PNGs or a
     dataset table) against any prediction `segpipe eval pq` reads: its semantic view, from the same overlaps.
 
@@ -245,7 +245,7 @@ def evaluate_miou(gt: str, pred: str, classes: int | str | Sequence[str] | None 
             raise SegpipeError("--classes: a COCO panoptic ground truth brings its own categories; leave it out")
         from pipeline.evaluate.pq import evaluate_pq  # pq reports this view; imported here, as pq imports miou
 
-        return evaluate_pq(gt, pred, gt_dir, pred_dir, workers, address, shard_size)["semantic"]
+        return evaluate_pq(gt, pred, gt_dir, pred_dir, workers, address, shard_size, threads=threads)["semantic"]
     if classes is None:
         raise SegpipeError("--classes: give the class list (a JSON file) or the number of classes")
     names = load_classes(classes)
@@ -260,6 +260,6 @@ def evaluate_miou(gt: str, pred: str, classes: int | str | Sequence[str] | None 
     shards = [_Shard(tuple(gt_names[i:i + shard_size]), gt, pred, len(names), ignore_index)
               for i in range(0, len(gt_names), shard_size)]
     total = ConfusionStats.zeros(len(names))
-    for stats in map_shards(_evaluate_shard, shards, workers, address):
+    for stats in map_shards(_evaluate_shard, shards, workers, address, threads):
         total += stats
     return summarize(total, names)

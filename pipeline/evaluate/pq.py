@@ -12,7 +12,8 @@ import pyarrow as pa
 from pipeline.errors import SegpipeError
 from pipeline.evaluate import miou
 from pipeline.evaluate import check_integer_ids, refuse_strays
-from pipeline.evaluate.match import VOID, Labelling, OverlapError, Overlaps, RleError, decode_arrow, index_of
+from pipeline.evaluate.match import (VOID, Labelling, OverlapError, Overlaps, RleError, RleLabelling, RleSizeError,
+                                     arrow_strings, index_of)
 from pipeline.evaluate.miou import ConfusionStats, confusion_from_overlaps
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import join, read_json, url_to_fs
@@ -72,7 +73,7 @@ class PanopticSide:
     category: np.ndarray  # index in the ground truth's category list; -1 for a category it lacks
     crowd: np.ndarray
     area: np.ndarray  # float64, as the file states it (panopticapi takes ground-truth areas from the JSON)
-    labelling: Labelling
+    labelling: Labelling | RleLabelling  # RLE strings (a table's) are decoded as they are swept
     source: str = "PNG"  # what the pixels came from, for messages: "PNG" or "table"
 
 
@@ -89,7 +90,7 @@ def batch_stats(image_ids: Sequence, gt: PanopticSide, pred: PanopticSide, n_cat
     n_pred = len(pred.image)
     on_pred = overlaps.pred >= 0
     pred_area = np.bincount(overlaps.pred[on_pred], overlaps.pixels[on_pred], n_pred).astype(np.int64)
-    if pred.labelling.unlisted:
+    if isinstance(pred.labelling, Labelling) and pred.labelling.unlisted:
         position, segment = next(iter(pred.labelling.unlisted.items()))
         raise SegpipeError(f"{where}: image {image_ids[position]}: segment {segment} is in the PNG and not in the JSON")
     if n_pred and not pred_area.all():
@@ -232,26 +233,28 @@ def table_side(rows, positions: np.ndarray, n_images: int, category_index: dict[
         raise SegpipeError(f"{where}: image {image_ids[positions[k]]}: segment {ids[k]} has unknown category_id "
                            f"{categories[k]}")
     _check_unique(positions, ids, where, image_ids)
-    heights = np.ones(n_images, np.int64)
-    heights[positions] = rows.column("height").to_numpy()
+    heights, widths = np.ones(n_images, np.int64), np.ones(n_images, np.int64)
+    row_heights, row_widths = rows.column("height").to_numpy(), rows.column("width").to_numpy()
+    heights[positions], widths[positions] = row_heights, row_widths
+    differ = np.flatnonzero((heights[positions] != row_heights) | (widths[positions] != row_widths))
+    if len(differ):
+        k = int(differ[0])
+        raise SegpipeError(f"{where}: image {image_ids[positions[k]]}: segment {ids[k]} says the image is "
+                           f"{row_heights[k]}x{row_widths[k]} (HxW), another of its segments says "
+                           f"{heights[positions[k]]}x{widths[positions[k]]}")
     try:
-        runs = decode_arrow(rows.column("rle"))
-        sizes = heights[positions] * rows.column("width").to_numpy()
-        bad = np.flatnonzero(runs.totals != sizes)
-        if len(bad):
-            k = int(bad[0])
-            raise SegpipeError(f"{where}: image {image_ids[positions[k]]}: segment {ids[k]}: the RLE covers "
-                               f"{runs.totals[k]} pixels, the image has {sizes[k]}")
-        labelling = Labelling.from_runs(runs, positions, heights)
-    except RleError as error:
-        raise SegpipeError(f"{where}: image {image_ids[positions[error.index]]}: segment {ids[error.index]}: "
-                           f"malformed RLE ({error})") from None
-    except OverlapError as error:
-        raise SegpipeError(f"{where}: image {image_ids[error.image]}: segments overlap, so this is not a panoptic "
-                           f"segmentation (instance predictions? use `segpipe eval ap`)") from None
+        labelling = RleLabelling.of(arrow_strings(rows.column("rle")), positions, heights, widths)
+    except RleError as error:  # a null RLE; the strings themselves are checked as they are swept
+        raise SegpipeError(_rle_message(error, where, image_ids, positions, ids)) from None
     area = rows.column("area").to_numpy().astype(np.float64) if truth else np.zeros(len(ids))
     return PanopticSide(positions, ids, category, rows.column("iscrowd").to_numpy(zero_copy_only=False).astype(bool),
                         area, labelling, "table")
+
+
+def _rle_message(error: RleError, where: str, image_ids: Sequence, positions: np.ndarray, ids: np.ndarray) -> str:
+    k = error.index
+    what = str(error) if isinstance(error, RleSizeError) else f"malformed RLE ({error})"
+    return f"{where}: image {image_ids[positions[k]]}: segment {ids[k]}: {what}"
 
 
 def _check_unique(positions: np.ndarray, ids: np.ndarray, where: str, image_ids: Sequence) -> None:
@@ -350,13 +353,14 @@ class _Shard:
 
 @without_cyclic_gc
 def evaluate_pq(gt: str, pred: str, gt_dir: str | None = None, pred_dir: str | None = None, workers: int = 1,
-                address: str | None = None, shard_size: int = 500, drop_unknown_categories: bool = False) -> dict:
+                address: str | None = None, shard_size: int = 500, drop_unknown_categories: bool = False,
+                threads: int | None = None) -> dict:
     """PQ of predictions against ground truth, each a COCO panoptic JSON (+ PNG folder) or a segpipe table.
 
     Ground truth: a COCO panoptic JSON or a panoptic dataset table (`segpipe convert`). Predictions: a COCO
     panoptic JSON, the predictions table of `segpipe infer` (file or folder), or a dataset table. Tables are
     read a shard at a time with a filter and intersected straight from their RLE runs. The statistics are
-    exact integers, so the output depends only on the inputs, never on `workers`, `address` or shards.
+    exact integers, so the output depends only on the inputs, never on `workers`, `threads`, `address` or shards.
     Predicted segments of categories the ground truth lacks are refused, or with `drop_unknown_categories`
     made VOID (what training validation does with a model that knows more classes); `dropped_segments`
     counts them.
@@ -369,7 +373,7 @@ def evaluate_pq(gt: str, pred: str, gt_dir: str | None = None, pred_dir: str | N
                      drop_unknown_categories)
               for i in range(0, len(image_ids), shard_size)]
     total = PQStats.zeros(len(categories))
-    for stats in map_shards(_evaluate_shard, shards, workers, address):
+    for stats in map_shards(_evaluate_shard, shards, workers, address, threads):
         total += stats
     return {**summarize(total, categories), "dropped_segments": dropped}
 
@@ -451,7 +455,15 @@ def _evaluate_shard(shard: _Shard) -> PQStats:
         where = _where(shard.pred, shard.pred_entries[k])
         raise SegpipeError(f"{where}: image {shard.image_ids[k]}: prediction is {ph}x{pw} (HxW), ground truth is {gh}x{gw}")
     where = shard.pred.name if isinstance(shard.pred, _TableSource) else "predictions"
-    return batch_stats(shard.image_ids, gt, pred, len(shard.category_index), where)
+    try:
+        return batch_stats(shard.image_ids, gt, pred, len(shard.category_index), where)
+    except OverlapError as error:  # only a table's segments can overlap
+        source = shard.gt if error.side == "gt" else shard.pred
+        raise SegpipeError(f"{source.name}: image {shard.image_ids[error.image]}: segments overlap, so this is not a "
+                           f"panoptic segmentation (instance predictions? use `segpipe eval ap`)") from None
+    except RleError as error:  # a table's RLE strings are checked as they are swept
+        side, source = (gt, shard.gt) if error.side == "gt" else (pred, shard.pred)
+        raise SegpipeError(_rle_message(error, source.name, shard.image_ids, side.image, side.id)) from None
 
 
 def _where(source: _PngSource | _TableSource, entry: dict | None) -> str:
