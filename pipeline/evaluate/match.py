@@ -109,7 +109,7 @@ def python_strings(strings: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarr
     return np.frombuffer(b"".join(encoded), np.uint8), offsets
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _number(data, position, end):
     """The number written from `position` on, and the position after it; failure 0, or 3 where the string ends
     inside it, 1 for a character outside the alphabet (then the character, and where), 4 past 2^55 bits."""
