@@ -141,18 +141,17 @@ def infer(
     gpus_per_actor: Annotated[float, typer.Option(min=0, help="GPUs each actor holds; 0 runs on CPU threads.")] = 0,
     cpus_per_actor: Annotated[Optional[float], typer.Option(min=0.25, help="CPUs each actor holds (default: all but 1 shared, at most 1 with GPUs).")] = None,
     files_per_shard: Annotated[int, typer.Option(min=1, help="Image-folder files per shard (the unit of commit and resume).")] = 64,
-    score_threshold: Annotated[float, typer.Option(help="Detections (centres for segpipe_small) scoring below this are dropped.")] = 0.05,
-    stuff_area: Annotated[int, typer.Option(min=0, help="Stuff regions smaller than this many pixels become VOID.")] = 4096,
-    min_size: Annotated[int, typer.Option(min=16, help="Mask R-CNN: shorter side the images are resized to.")] = 800,
-    max_size: Annotated[int, typer.Option(min=16, help="Mask R-CNN: longest side at most.")] = 1333,
+    score_threshold: Annotated[Optional[float], typer.Option(help="Detections (centres for segpipe_small) scoring below this are dropped. Default: --weights' validated setting, else 0.05.")] = None,
+    stuff_area: Annotated[Optional[int], typer.Option(min=0, help="Stuff regions smaller than this many pixels become VOID. Default: --weights' validated setting, else 4096.")] = None,
+    min_size: Annotated[Optional[int], typer.Option(min=16, help="Mask R-CNN: shorter side the images are resized to. Default: --weights' validated setting, else 800.")] = None,
+    max_size: Annotated[Optional[int], typer.Option(min=16, help="Mask R-CNN: longest side at most. Default: --weights' validated setting, else 1333.")] = None,
     address: Address = None,
 ) -> None:
     """Label images with a model on Ray: Parquet predictions, COCO panoptic PNG + JSON, COCO results JSON."""
-    from dataclasses import replace
-
     from pipeline import infer as infer_stage
-    from pipeline.fusion import FusionConfig
     from pipeline.io.fs import read_json
+    from pipeline.models import check_model_name
+    from pipeline.models.base import with_checkpoint_settings
 
     dataset_categories = None
     if categories is not None:
@@ -160,10 +159,12 @@ def infer(
         dataset_categories = found.get("categories") if isinstance(found, dict) else None
         if not dataset_categories:
             raise SegpipeError(f"{categories}: no 'categories' list")
-    settings = infer_stage.ModelSettings(
-        weights=weights, random_weights=random_weights, seed=seed, score_threshold=score_threshold,
-        min_size=min_size, max_size=max_size, categories=tuple(dataset_categories) if dataset_categories else None,
-        fusion=replace(FusionConfig(), stuff_area_threshold=stuff_area))
+    check_model_name(model)
+    given = {k: v for k, v in (("score_threshold", score_threshold), ("stuff_area", stuff_area),
+                               ("min_size", min_size), ("max_size", max_size)) if v is not None}
+    settings = with_checkpoint_settings(infer_stage.ModelSettings(
+        weights=weights, random_weights=random_weights, seed=seed,
+        categories=tuple(dataset_categories) if dataset_categories else None), model, given)
     config = infer_stage.InferConfig(
         input=input, out=out, model=model, settings=settings, name=name, batch_size=batch_size, actors=actors,
         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, files_per_shard=files_per_shard,

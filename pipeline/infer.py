@@ -32,7 +32,7 @@ from pipeline.io.fs import absolute, join, read_json, url_to_fs, write_bytes, wr
 from pipeline.io.shards import Shard, list_shards, read_shard
 from pipeline.io.tables import read_predictions, write_predictions
 from pipeline.models import ModelSettings, check_model_name, describe  # noqa: F401 (ModelSettings: for callers)
-from pipeline.models.outputs import PanopticPostprocess
+from pipeline.models.outputs import PanopticPostprocess, Postprocess
 from pipeline.structures import ImagePrediction, encode_panoptic_png
 
 ACTOR_START_TIMEOUT_S = 600
@@ -103,6 +103,51 @@ def png_name(key: str) -> str:
     return key.rsplit(".", 1)[0] + ".png" if "." in key.rsplit("/", 1)[-1] else key + ".png"
 
 
+# --- what travels between the stages ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a shard on its way through the stages: an `error` (it could not be read or decoded),
+    else its id and size, and after post-processing its `prediction`."""
+
+    position: int  # in its shard
+    key: str  # the file's name in its shard
+    image_id: int = 0
+    height: int = 0
+    width: int = 0
+    error: str | None = None
+    prediction: ImagePrediction | None = None
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Where a model ran: for the summary, and to check GPU pinning."""
+
+    pid: int
+    node: str
+    device: str
+    threads: int
+    cuda_visible_devices: str
+    load_s: float
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Whole model batches of one shard: one Ray Data row (pickled). Each stage hands on a copy with its
+    part done: reading gives `items` and the decoded `images` (of the items without an error, in order), the
+    model turns the images into `raws` (one raw output per image) and names its `postprocess`,
+    post-processing turns the raws into the items' predictions."""
+
+    items: tuple[Item, ...]
+    images: tuple[np.ndarray, ...] = ()
+    raws: tuple[dict[str, Any], ...] = ()
+    postprocess: Postprocess | None = None
+    actor: Actor | None = None
+    decode_s: float = 0.0
+    model_s: float = 0.0
+    post_s: float = 0.0
+
+
 # --- the stages that run on Ray ---------------------------------------------------------------------
 
 def _row_full(images: list[np.ndarray], batch_size: int) -> bool:
@@ -117,44 +162,46 @@ def _read(row: dict, *, shards: list[Shard], batch_size: int, image_info: dict |
     """One shard's images, decoded, as rows of whole batches (a batch never spans two shards); the
     shard's last row is marked `final`, so the driver knows when the shard is complete."""
     index, number = row["shard"], 0
-    payload: dict[str, Any] = {"items": [], "images": [], "decode_s": 0.0}
+    items: list[Item] = []
+    images: list[np.ndarray] = []
+    seconds = 0.0
 
     def emit(final: bool) -> dict:
-        return {"shard": index, "chunk": number, "final": final, "payload": pickle.dumps(payload, protocol=5)}
+        chunk = Chunk(tuple(items), tuple(images), decode_s=seconds)
+        return {"shard": index, "chunk": number, "final": final, "payload": pickle.dumps(chunk, protocol=5)}
 
-    for item, image, seconds in _decoded(shards[index], image_info):
-        if _row_full(payload["images"], batch_size):  # and the shard goes on
+    for item, image, spent in _decoded(shards[index], image_info):
+        if _row_full(images, batch_size):  # and the shard goes on
             yield emit(False)
-            number, payload = number + 1, {"items": [], "images": [], "decode_s": 0.0}
-        payload["items"].append(item)
-        payload["decode_s"] += seconds
+            number, items, images, seconds = number + 1, [], [], 0.0
+        items.append(item)
+        seconds += spent
         if image is not None:
-            payload["images"].append(image)
+            images.append(image)
     yield emit(True)
 
 
-def _decoded(shard: Shard, image_info: dict | None) -> Iterator[tuple[dict, np.ndarray | None, float]]:
+def _decoded(shard: Shard, image_info: dict | None) -> Iterator[tuple[Item, np.ndarray | None, float]]:
     """(item, RGB image or None when it failed, seconds spent) for each image of the shard, in order."""
     for position, record in enumerate(_records(shard)):
         start = time.perf_counter()
-        item: dict[str, Any] = {"position": position, "key": record.key}
         if record.error is not None:  # the shard itself could not be read (further)
-            yield {**item, "error": record.error}, None, 0.0
+            yield Item(position, record.key, error=record.error), None, 0.0
             continue
         try:
             image = decode_image(record.data)
             if image_info is None:
-                item["image_id"] = image_id_for(record.key)
+                image_id = image_id_for(record.key)
             elif record.key not in image_info:
                 raise ImageDecodeError("not listed in --image-info")
             else:
-                item["image_id"], expected = image_info[record.key]
+                image_id, expected = image_info[record.key]
                 if expected and expected != image.shape[:2]:
                     raise ImageDecodeError(f"is {image.shape[0]}x{image.shape[1]}, --image-info says "
                                            f"{expected[0]}x{expected[1]}")
-            item["height"], item["width"] = image.shape[:2]
+            item = Item(position, record.key, image_id, *image.shape[:2])
         except ImageDecodeError as error:
-            item["error"], image = str(error), None
+            item, image = Item(position, record.key, error=str(error)), None
         yield item, image, time.perf_counter() - start
 
 
@@ -190,23 +237,20 @@ class _Predictor:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray set CUDA_VISIBLE_DEVICES to our GPU
         self.model = load_model(model, replace(settings, device=device))
         self.batch_size = batch_size
-        self.actor = {"pid": os.getpid(), "node": os.uname().nodename, "device": device, "threads": threads,
-                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-                      "load_s": time.perf_counter() - start}
+        self.actor = Actor(os.getpid(), os.uname().nodename, device, threads, os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                           time.perf_counter() - start)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        payloads = []
-        for data in rows["payload"]:
-            payload = pickle.loads(data)
-            start = time.perf_counter()
-            images = payload.pop("images")
-            payload["raws"] = [raw for i in range(0, len(images), self.batch_size)
-                               for raw in self.model.forward(images[i:i + self.batch_size])]
-            payload["model_s"] = time.perf_counter() - start
-            payload["actor"] = self.actor
-            payload["postprocess"] = self.model.postprocess
-            payloads.append(pickle.dumps(payload, protocol=5))
-        return {**rows, "payload": np.array(payloads, dtype=object)}
+        return {**rows, "payload": np.array([pickle.dumps(self._run(pickle.loads(data)), protocol=5)
+                                             for data in rows["payload"]], dtype=object)}
+
+    def _run(self, chunk: Chunk) -> Chunk:
+        start = time.perf_counter()
+        images = chunk.images
+        raws = tuple(raw for i in range(0, len(images), self.batch_size)
+                     for raw in self.model.forward(list(images[i:i + self.batch_size])))
+        return replace(chunk, images=(), raws=raws, postprocess=self.model.postprocess, actor=self.actor,
+                       model_s=time.perf_counter() - start)
 
 
 def _postprocess(rows: dict[str, np.ndarray], *, png_dir: str | None) -> dict[str, np.ndarray]:
@@ -215,21 +259,21 @@ def _postprocess(rows: dict[str, np.ndarray], *, png_dir: str | None) -> dict[st
 
 
 def _postprocess_row(data: bytes, png_dir: str | None) -> bytes:
-    payload = pickle.loads(data)
+    chunk: Chunk = pickle.loads(data)
     start = time.perf_counter()
-    postprocess, raws = payload.pop("postprocess"), iter(payload.pop("raws"))
-    for item in payload["items"]:
-        if "error" in item:
-            continue
-        if isinstance(postprocess, PanopticPostprocess):
-            ids, segments = postprocess.panoptic(next(raws))
-            item["prediction"] = ImagePrediction.from_panoptic(item["image_id"], item["key"], ids, segments)
-            item["segments_info"] = [s.segment_info() for s in item["prediction"].segments]
-            write_bytes(join(png_dir, png_name(item["key"])), encode_panoptic_png(ids))
-        else:
-            item["prediction"] = postprocess(next(raws), item["image_id"], item["key"])
-    payload["post_s"] = time.perf_counter() - start
-    return pickle.dumps(payload, protocol=5)
+    postprocess, raws, items = chunk.postprocess, iter(chunk.raws), []
+    for item in chunk.items:
+        if item.error is None:
+            if isinstance(postprocess, PanopticPostprocess):
+                ids, segments = postprocess.panoptic(next(raws))
+                prediction = ImagePrediction.from_panoptic(item.image_id, item.key, ids, segments)
+                write_bytes(join(png_dir, png_name(item.key)), encode_panoptic_png(ids))
+            else:
+                prediction = postprocess(next(raws), item.image_id, item.key)
+            item = replace(item, prediction=prediction)
+        items.append(item)
+    done = replace(chunk, items=tuple(items), raws=(), postprocess=None, post_s=time.perf_counter() - start)
+    return pickle.dumps(done, protocol=5)
 
 
 # --- the driver ---------------------------------------------------------------------------------------
@@ -423,24 +467,24 @@ def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], lay
     committed, last_report, start = 0, time.perf_counter(), time.perf_counter()
     first_commit: tuple[float, int] | None = None
     for row in rows:
-        index, payload = int(row["shard"]), pickle.loads(row["payload"])
-        pending.setdefault(index, {})[int(row["chunk"])] = payload
+        index, chunk = int(row["shard"]), pickle.loads(row["payload"])
+        pending.setdefault(index, {})[int(row["chunk"])] = chunk
         if row["final"]:
             sizes[index] = int(row["chunk"]) + 1
-        for stage, key in (("decode", "decode_s"), ("model", "model_s"), ("postprocess", "post_s")):
-            summary.stage_s[stage] += payload.get(key, 0.0)
-        if "actor" in payload:
-            actor = actors.setdefault(payload["actor"]["pid"], {**payload["actor"], "images": 0})
-            actor["images"] += sum("error" not in item for item in payload["items"])
+        for stage, seconds in (("decode", chunk.decode_s), ("model", chunk.model_s), ("postprocess", chunk.post_s)):
+            summary.stage_s[stage] += seconds
+        if chunk.actor is not None:
+            actor = actors.setdefault(chunk.actor.pid, {**asdict(chunk.actor), "images": 0})
+            actor["images"] += sum(item.error is None for item in chunk.items)
         if sizes.get(index) == len(pending[index]):
             write_start = time.perf_counter()
             chunks = pending.pop(index)
-            items = [item for k in sorted(chunks) for item in chunks[k]["items"]]
+            items = [item for k in sorted(chunks) for item in chunks[k].items]
             _commit(layout, index, shards[index], items, run_id, config.model, panoptic)
             summary.stage_s["write"] += time.perf_counter() - write_start
             committed += 1
-            summary.images += sum("error" not in item for item in items)
-            summary.failed += sum("error" in item for item in items)
+            summary.images += sum(item.error is None for item in items)
+            summary.failed += sum(item.error is not None for item in items)
             now = time.perf_counter()
             if first_commit is None:
                 first_commit = (now, summary.images)
@@ -456,19 +500,20 @@ def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], lay
     summary.actors = sorted(actors.values(), key=lambda a: a["pid"])
 
 
-def _commit(layout: _Layout, index: int, shard: Shard, items: list[dict], run_id: str, model: str,
+def _commit(layout: _Layout, index: int, shard: Shard, items: list[Item], run_id: str, model: str,
             panoptic: bool) -> None:
     """Write shard `index`: its Parquet part, then its fragment, whose presence marks the shard done."""
-    predictions = [item["prediction"] for item in items if "prediction" in item]
+    labelled = [item for item in items if item.prediction is not None]
+    predictions = [item.prediction for item in labelled]
     write_predictions(layout.parquet(index), predictions, run_id, model)
     fragment = {
         "shard": asdict(shard),
-        "images": [{"id": item["image_id"], "file_name": item["key"], "height": int(item["height"]),
-                    "width": int(item["width"])} for item in items if "prediction" in item],
-        "annotations": [{"image_id": item["image_id"], "file_name": png_name(item["key"]),
-                         "segments_info": item["segments_info"]} for item in items if "segments_info" in item],
-        "errors": [{"image": item["key"], "shard": shard.uri, "reason": item["error"]}
-                   for item in items if "error" in item],
+        "images": [{"id": item.image_id, "file_name": item.key, "height": int(item.height), "width": int(item.width)}
+                   for item in labelled],
+        "annotations": [{"image_id": item.image_id, "file_name": png_name(item.key),
+                         "segments_info": [s.segment_info() for s in item.prediction.segments]}
+                        for item in labelled] if panoptic else [],
+        "errors": [{"image": item.key, "shard": shard.uri, "reason": item.error} for item in items if item.error is not None],
         "segments": sum(len(p.segments) for p in predictions),
     }
     write_json(layout.part(index), fragment)

@@ -349,10 +349,12 @@ def test_rows_hold_whole_batches_and_end_early_for_big_images(tmp_path, monkeypa
                 for row in infer._read({"shard": 0}, shards=shards, batch_size=batch_size, image_info=None)]
 
     (whole,) = rows(2)  # 10 images of 2 batches each fit one row
-    assert whole["final"] and len(whole["payload"]["images"]) == 10 and len(whole["payload"]["items"]) == 11
+    assert whole["final"] and len(whole["payload"].images) == 10 and len(whole["payload"].items) == 11
     monkeypatch.setattr(infer, "ROW_BYTES", 3 * 64 * 48 * 3)  # three images' pixels: a row ends at the next batch
     cut = rows(2)
-    assert [len(r["payload"]["images"]) for r in cut] == [4, 4, 2] and [r["chunk"] for r in cut] == [0, 1, 2]
+    assert [len(r["payload"].images) for r in cut] == [4, 4, 2] and [r["chunk"] for r in cut] == [0, 1, 2]
     assert [r["final"] for r in cut] == [False, False, True]
-    items = [item for r in cut for item in r["payload"]["items"]]
-    assert [item["position"] for item in items] == list(range(11)) and "error" in items[-1]
+    items = [item for r in cut for item in r["payload"].items]
+    assert [item.position for item in items] == list(range(11))
+    assert [(item.image_id, item.height, item.width) for item in items[:10]] == [(i, 48, 64) for i in range(10)]
+    assert items[-1].error is not None and items[-1].image_id == 0 and items[-1].key.endswith("000000000099.png")

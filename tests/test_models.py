@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import SegpipeError
+from pipeline.fusion import FusionConfig
 from pipeline.models import ModelSettings, load_model
 from pipeline.models.maskrcnn import COCO_THING_IDS
 
@@ -142,3 +143,23 @@ def test_bottom_up_targets_decode_back_to_the_ground_truth(dataset):
     # Measured: stuff 1.0; things 0.83 (crowds on every image of this split, occluded instances whose
     # centres of mass fall outside their visible part): the ceiling of this output format on this data.
     assert result["Stuff"]["pq"] > 0.99 and result["Things"]["pq"] > 0.8, result
+
+
+def test_a_training_checkpoint_brings_the_settings_it_was_validated_with(tmp_path):
+    from pipeline.models.base import with_checkpoint_settings
+
+    recorded = {"score_threshold": 0.2, "min_size": 256, "max_size": 512, "weights": "elsewhere.pt", "seed": 7,
+                "fusion": {"score_threshold": 0.5, "mask_threshold": 0.5, "overlap_threshold": 0.3,
+                           "stuff_area_threshold": 64}}
+    torch.save({"model": {}, "settings": recorded}, tmp_path / "trained.pt")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bare.pt")  # a bare state dict records nothing
+    trained = ModelSettings(weights=str(tmp_path / "trained.pt"))
+    settings = with_checkpoint_settings(trained, "segpipe_small", {})
+    assert (settings.score_threshold, settings.min_size, settings.max_size) == (0.2, 256, 512)
+    assert settings.fusion == FusionConfig(overlap_threshold=0.3, stuff_area_threshold=64)
+    assert (settings.weights, settings.seed, settings.mask_threshold) == (str(tmp_path / "trained.pt"), 0, 0.5)  # not these
+    given = with_checkpoint_settings(trained, "segpipe_small", {"stuff_area": 100, "score_threshold": 0.1})
+    assert (given.fusion.stuff_area_threshold, given.fusion.overlap_threshold, given.score_threshold) == (100, 0.3, 0.1)
+    bare = with_checkpoint_settings(ModelSettings(weights=str(tmp_path / "bare.pt")), "segpipe_small", {"min_size": 300})
+    assert bare == ModelSettings(weights=str(tmp_path / "bare.pt"), min_size=300)
+    assert with_checkpoint_settings(ModelSettings(random_weights=True), "segpipe_small", {}) == ModelSettings(random_weights=True)

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.evaluate.pq import evaluate_pq
-from pipeline.fusion import FusionConfig
-from pipeline.infer import InferConfig
-from pipeline.infer import run as infer
 from pipeline.models import ModelSettings, load_model
 from pipeline.train import TrainConfig, run
 
@@ -57,11 +56,15 @@ def test_two_workers_train_and_write_a_checkpoint_with_its_metadata(trained, dat
 
 
 def test_the_checkpoint_labels_with_segpipe_infer_and_scores_what_validation_said(trained, dataset, tmp_path):
+    """`segpipe infer --weights` with no threshold given takes the ones the checkpoint was validated with
+    (a stuff area of 64 pixels where infer's own default is 4,096)."""
     out, result = trained
     labels = tmp_path / "labels"
-    settings = ModelSettings(weights=str(out / "model.pt"), score_threshold=0.05,
-                             fusion=FusionConfig(stuff_area_threshold=64))
-    infer(InferConfig(input=str(dataset / "val"), out=str(labels), model="segpipe_small", settings=settings))
+    done = CliRunner().invoke(app, ["infer", "--input", str(dataset / "val"), "--model", "segpipe_small",
+                                    "--weights", str(out / "model.pt"), "--out", str(labels)])
+    assert done.exit_code == 0, done.output
+    settings = json.loads((labels / "run.json").read_text())["settings"]
+    assert (settings["fusion"]["stuff_area_threshold"], settings["score_threshold"]) == (64, 0.05)
     pq = evaluate_pq(str(dataset / "annotations" / "panoptic_val.json"), str(labels / "panoptic_pred.json"))
     # The same model and evaluation; convolutions over other batch compositions (infer's batches of 4,
     # each validation worker's 6 images) differ in the last bits, which moves a few near-tie pixels of

@@ -72,6 +72,31 @@ def to_tensors(images: list[np.ndarray], device: str) -> list[torch.Tensor]:
             .permute(2, 0, 1).float().div_(255).to(device) for im in images]
 
 
+VALIDATED_SETTINGS = ("score_threshold", "mask_threshold", "min_size", "max_size", "fusion")
+"""The pre- and post-processing settings a `segpipe train` checkpoint was validated with (it records every
+setting under "settings"): what `infer --weights` uses where they are not given, so that it reproduces the
+validation numbers."""
+
+
+def with_checkpoint_settings(settings: ModelSettings, architecture: str, given: dict[str, Any]) -> ModelSettings:
+    """`settings` with the VALIDATED_SETTINGS that the checkpoint at `settings.weights` records, then `given`
+    (name -> value; "stuff_area" for fusion's stuff_area_threshold) over them. A checkpoint that records none
+    (a bare state dict, torchvision's) leaves the defaults."""
+    from dataclasses import replace
+
+    recorded = read_checkpoint(settings.weights, architecture).get("settings") if settings.weights else None
+    if isinstance(recorded, dict):
+        found = {k: recorded[k] for k in VALIDATED_SETTINGS if k in recorded}
+        if isinstance(found.get("fusion"), dict):
+            found["fusion"] = FusionConfig(**{k: v for k, v in found["fusion"].items()
+                                              if k in FusionConfig.__dataclass_fields__})
+        settings = replace(settings, **found)
+    given = dict(given)
+    if "stuff_area" in given:
+        settings = replace(settings, fusion=replace(settings.fusion, stuff_area_threshold=given.pop("stuff_area")))
+    return replace(settings, **given)
+
+
 def read_checkpoint(uri: str, architecture: str) -> dict:
     """A checkpoint as {"model": state dict, **metadata}; a bare state dict gets no metadata."""
     import torch
