@@ -145,6 +145,7 @@ def infer(
     stuff_area: Annotated[Optional[int], typer.Option(min=0, help="Stuff regions smaller than this many pixels become VOID. Default: --weights' validated setting, else 4096.")] = None,
     min_size: Annotated[Optional[int], typer.Option(min=16, help="Mask R-CNN: shorter side the images are resized to. Default: --weights' validated setting, else 800.")] = None,
     max_size: Annotated[Optional[int], typer.Option(min=16, help="Mask R-CNN: longest side at most. Default: --weights' validated setting, else 1333.")] = None,
+    flip_check: Annotated[bool, typer.Option(help="Also label each image mirrored: every segment gets its flip agreement (flip_iou); twice the model time.")] = False,
     address: Address = None,
 ) -> None:
     """Label images with a model on Ray: Parquet predictions, COCO panoptic PNG + JSON, COCO results JSON."""
@@ -168,7 +169,7 @@ def infer(
     config = infer_stage.InferConfig(
         input=input, out=out, model=model, settings=settings, name=name, batch_size=batch_size, actors=actors,
         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, files_per_shard=files_per_shard,
-        image_info=image_info, address=address)
+        image_info=image_info, flip_check=flip_check, address=address)
     summary = infer_stage.run(config, progress=lambda line: typer.echo(line, err=True))
     stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in summary.stage_s.items())
     typer.echo(f"{summary.images} images, {summary.segments} segments, {summary.failed} failed, "
@@ -178,6 +179,51 @@ def infer(
     if summary.failed:
         typer.echo(f"segpipe: {summary.failed} images failed; see {summary.outputs['errors']}", err=True)
         raise typer.Exit(1)
+
+
+@app.command("filter")
+@_user_errors
+def filter_command(
+    pred: Annotated[str, typer.Option(help="A `segpipe infer` output folder (any fsspec URI).")],
+    out: Annotated[str, typer.Option(help="Output folder: decisions/, predictions/ (the kept segments), filter.json; `segpipe train --train OUT` reads it.")],
+    min_score: Annotated[Optional[float], typer.Option(help="Keep segments whose class confidence is at least this.")] = None,
+    min_stability: Annotated[Optional[float], typer.Option(help="... whose stability score is at least this (SAM: 0.95).")] = None,
+    min_flip_iou: Annotated[Optional[float], typer.Option(help="... whose flip agreement is at least this (needs infer --flip-check).")] = None,
+    min_area: Annotated[Optional[int], typer.Option(min=0, help="... of at least this many pixels.")] = None,
+    max_area: Annotated[Optional[int], typer.Option(min=0, help="... of at most this many pixels.")] = None,
+    class_rules: Annotated[Optional[str], typer.Option(help='Per-class overrides, JSON: {"CATEGORY_ID": {"min_score": 0.5, ...}}; a class takes these instead of the options above.')] = None,
+    duplicate_iou: Annotated[float, typer.Option(min=0, help="Reject a segment whose mask overlaps a higher-scoring kept one by more than this IoU; 1 switches it off.")] = 0.7,
+    audit: Annotated[Optional[str], typer.Option(help="COCO panoptic or instances labels of a sample of the images: precision, recall (and PQ) of each rule and of the kept set there.")] = None,
+    target_precision: Annotated[Optional[float], typer.Option(min=0, max=1, help="With --audit: choose the --tune rule's threshold per class, the loosest whose audit precision reaches this.")] = None,
+    tune: Annotated[str, typer.Option(help="The rule --target-precision chooses per class: min_score, min_stability or min_flip_iou.")] = "min_score",
+) -> None:
+    """Choose pseudo-labels: every candidate segment kept or rejected by rules on its quality signals, audited."""
+    from pipeline.filtering import TUNABLE, FilterRules, Thresholds, run
+
+    if tune not in TUNABLE:
+        raise SegpipeError(f"--tune {tune!r}: one of {', '.join(TUNABLE)}")
+
+    thresholds = Thresholds(min_score, min_stability, min_flip_iou, min_area, max_area)
+    per_class = FilterRules.parse_per_class(class_rules, thresholds) if class_rules else {}
+    summary = run(pred, out, FilterRules(thresholds, per_class, duplicate_iou if duplicate_iou < 1 else None), audit,
+                  (tune, target_precision) if target_precision is not None else None)
+    for category, chosen in (summary.get("tuned") or {}).get("per_class", {}).items():
+        typer.echo(f"class {category}: {tune} {chosen['threshold']:.4g} (audit precision "
+                   f"{_figure(chosen['precision'])} on {chosen['candidates']} of {chosen['audited']} candidates)")
+    rejected = ", ".join(f"{rule} {n}" for rule, n in summary["rejected"].items() if n) or "none"
+    typer.echo(f"{summary['kept']} of {summary['candidates']} segments kept; rejected by {rejected}")
+    if audit:
+        report = summary["audit"]
+        typer.echo(f"audit: kept precision {_figure(report['kept']['precision'])}, recall "
+                   f"{_figure(report['kept']['recall'])}, PQ {_figure(report['kept']['pq'])} on {report['images']} images")
+        for rule, figures in report["per_rule"].items():
+            typer.echo(f"  {rule:14} alone keeps {figures['candidates']:6}: precision {_figure(figures['precision'])}, "
+                       f"recall {_figure(figures['recall'])}")
+    typer.echo(f"  decisions  {out.rstrip('/')}/decisions\n  labels     {out.rstrip('/')} (segpipe train --train)")
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 @app.command()

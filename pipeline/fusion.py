@@ -32,10 +32,12 @@ def fuse(image_id: int, file_name: str, masks: np.ndarray, scores: np.ndarray, l
 
 
 def fuse_panoptic(masks: np.ndarray, scores: np.ndarray, labels: np.ndarray, semantic: np.ndarray,
-                  stuff_ids: set[int], config: FusionConfig = FusionConfig()) -> tuple[np.ndarray, list[dict]]:
+                  stuff_ids: set[int], config: FusionConfig = FusionConfig(),
+                  stability: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
     """Merge instances (masks N x H x W, probabilities or booleans; scores; thing category ids) and a
     semantic map (H x W category ids) into non-overlapping segments. Things win over stuff: they are
-    placed first, by score; stuff fills what is left. Only semantic ids in `stuff_ids` become stuff."""
+    placed first, by score; stuff fills what is left. Only semantic ids in `stuff_ids` become stuff.
+    A thing keeps its instance's `stability` where one is given."""
     height, width = semantic.shape
     if masks.shape[1:] != (height, width) and len(masks):
         raise ValueError(f"instance masks are {masks.shape[1:]}, the semantic map is {semantic.shape}")
@@ -55,7 +57,8 @@ def fuse_panoptic(masks: np.ndarray, scores: np.ndarray, labels: np.ndarray, sem
             continue
         segment_id = len(segments) + 1
         ids[free] = segment_id
-        segments.append({"id": segment_id, "category_id": int(labels[k]), "iscrowd": 0, "score": float(scores[k])})
+        segments.append({"id": segment_id, "category_id": int(labels[k]), "iscrowd": 0, "score": float(scores[k])}
+                        | ({"stability": float(stability[k])} if stability is not None else {}))
     unclaimed = ids == 0
     for category_id in np.unique(semantic[unclaimed]).tolist():
         if category_id not in stuff_ids:

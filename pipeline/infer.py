@@ -33,6 +33,7 @@ from pipeline.io.shards import Shard, list_shards, read_shard
 from pipeline.io.tables import read_predictions, write_predictions
 from pipeline.models import ModelSettings, check_model_name, describe  # noqa: F401 (ModelSettings: for callers)
 from pipeline.models.outputs import PanopticPostprocess, Postprocess
+from pipeline.signals import flip_agreement
 from pipeline.structures import ImagePrediction, encode_panoptic_png
 
 ACTOR_START_TIMEOUT_S = 600
@@ -65,6 +66,8 @@ class InferConfig:
     """Image folders are cut into shards of this many files (the unit of commit and resume)."""
     image_info: str | None = None
     """A COCO JSON whose `images` give each file's id (and size, checked); else ids come from names."""
+    flip_check: bool = False
+    """Also label each image mirrored, for every segment's flip agreement (pipeline.signals); twice the model time."""
     address: str | None = None
 
 
@@ -141,6 +144,7 @@ class Chunk:
     items: tuple[Item, ...]
     images: tuple[np.ndarray, ...] = ()
     raws: tuple[dict[str, Any], ...] = ()
+    flipped_raws: tuple[dict[str, Any], ...] = ()  # of the mirrored images, with --flip-check
     postprocess: Postprocess | None = None
     actor: Actor | None = None
     decode_s: float = 0.0
@@ -227,7 +231,7 @@ def _records(shard: Shard) -> Iterator[_Record]:
 class _Predictor:
     """A model actor: builds the model once on its device, then runs `forward` on each row's batches."""
 
-    def __init__(self, model: str, settings: ModelSettings, threads: int, batch_size: int) -> None:
+    def __init__(self, model: str, settings: ModelSettings, threads: int, batch_size: int, flip: bool = False) -> None:
         start = time.perf_counter()
         import torch
 
@@ -237,6 +241,7 @@ class _Predictor:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray set CUDA_VISIBLE_DEVICES to our GPU
         self.model = load_model(model, replace(settings, device=device))
         self.batch_size = batch_size
+        self.flip = flip
         self.actor = Actor(os.getpid(), os.uname().nodename, device, threads, os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                            time.perf_counter() - start)
 
@@ -246,11 +251,14 @@ class _Predictor:
 
     def _run(self, chunk: Chunk) -> Chunk:
         start = time.perf_counter()
-        images = chunk.images
-        raws = tuple(raw for i in range(0, len(images), self.batch_size)
+        raws = self._forward(chunk.images)
+        flipped = self._forward(tuple(np.ascontiguousarray(image[:, ::-1]) for image in chunk.images)) if self.flip else ()
+        return replace(chunk, images=(), raws=raws, flipped_raws=flipped, postprocess=self.model.postprocess,
+                       actor=self.actor, model_s=time.perf_counter() - start)
+
+    def _forward(self, images: tuple[np.ndarray, ...]) -> tuple[dict[str, Any], ...]:
+        return tuple(raw for i in range(0, len(images), self.batch_size)
                      for raw in self.model.forward(list(images[i:i + self.batch_size])))
-        return replace(chunk, images=(), raws=raws, postprocess=self.model.postprocess, actor=self.actor,
-                       model_s=time.perf_counter() - start)
 
 
 def _postprocess(rows: dict[str, np.ndarray], *, png_dir: str | None) -> dict[str, np.ndarray]:
@@ -261,7 +269,7 @@ def _postprocess(rows: dict[str, np.ndarray], *, png_dir: str | None) -> dict[st
 def _postprocess_row(data: bytes, png_dir: str | None) -> bytes:
     chunk: Chunk = pickle.loads(data)
     start = time.perf_counter()
-    postprocess, raws, items = chunk.postprocess, iter(chunk.raws), []
+    postprocess, raws, flipped_raws, items = chunk.postprocess, iter(chunk.raws), iter(chunk.flipped_raws), []
     for item in chunk.items:
         if item.error is None:
             if isinstance(postprocess, PanopticPostprocess):
@@ -270,9 +278,14 @@ def _postprocess_row(data: bytes, png_dir: str | None) -> bytes:
                 write_bytes(join(png_dir, png_name(item.key)), encode_panoptic_png(ids))
             else:
                 prediction = postprocess(next(raws), item.image_id, item.key)
+            if chunk.flipped_raws:
+                agreement = flip_agreement(prediction, postprocess(next(flipped_raws), item.image_id, item.key))
+                prediction = replace(prediction, segments=tuple(
+                    replace(segment, flip_iou=iou) for segment, iou in zip(prediction.segments, agreement)))
             item = replace(item, prediction=prediction)
         items.append(item)
-    done = replace(chunk, items=tuple(items), raws=(), postprocess=None, post_s=time.perf_counter() - start)
+    done = replace(chunk, items=tuple(items), raws=(), flipped_raws=(), postprocess=None,
+                   post_s=time.perf_counter() - start)
     return pickle.dumps(done, protocol=5)
 
 
@@ -306,6 +319,7 @@ def _identity(config: InferConfig, shards: list[Shard]) -> dict:
     settings.pop("device")
     identity = {"format": FORMAT_VERSION, "input": absolute(config.input), "model": config.model, "settings": settings,
                 "name": config.name, "batch_size": config.batch_size, "image_info": config.image_info,
+                **({"flip_check": True} if config.flip_check else {}),  # runs before the option still resume
                 "shards": hashlib.sha256(json.dumps([asdict(s) for s in shards]).encode()).hexdigest()}
     return json.loads(json.dumps(identity))  # as run.json will hold it (tuples become lists)
 
@@ -421,7 +435,8 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
             .flat_map(_read, fn_kwargs={"shards": shards, "batch_size": config.batch_size,
                                         "image_info": _image_info(config.image_info)}, num_cpus=TASK_CPUS)
             .map_batches(_Predictor, fn_constructor_kwargs={"model": config.model, "settings": config.settings,
-                                                            "threads": threads, "batch_size": config.batch_size},
+                                                            "threads": threads, "batch_size": config.batch_size,
+                                                            "flip": config.flip_check},
                          batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.actors), num_cpus=actor_cpus,
                          num_gpus=config.gpus_per_actor or None, batch_format="numpy", zero_copy_batch=True)
             # One row per task: a shard commits as soon as its last row is through, not when a bundle is.

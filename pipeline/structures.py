@@ -83,17 +83,21 @@ class Segment:
     bbox: tuple[float, float, float, float]
     score: float = 1.0
     iscrowd: bool = False
+    stability: float | None = None
+    """How little the mask changes between a lower and a higher cut of the model's soft output (pipeline.signals)."""
+    flip_iou: float | None = None
+    """Best IoU with a same-category segment predicted on the mirrored image, mirrored back (pipeline.signals)."""
 
     @classmethod
-    def from_rle(cls, id: int, category_id: int, rle: Rle, score: float = 1.0,
-                 iscrowd: bool = False) -> Segment:
+    def from_rle(cls, id: int, category_id: int, rle: Rle, score: float = 1.0, iscrowd: bool = False,
+                 stability: float | None = None) -> Segment:
         """A segment whose area and box are measured from its mask."""
-        return cls(id, category_id, rle, rle.area(), rle.bbox(), score, iscrowd)
+        return cls(id, category_id, rle, rle.area(), rle.bbox(), score, iscrowd, stability)
 
     @classmethod
     def from_mask(cls, id: int, category_id: int, mask: np.ndarray, score: float = 1.0,
-                  iscrowd: bool = False) -> Segment:
-        return cls.from_rle(id, category_id, Rle.from_mask(mask), score, iscrowd)
+                  iscrowd: bool = False, stability: float | None = None) -> Segment:
+        return cls.from_rle(id, category_id, Rle.from_mask(mask), score, iscrowd, stability)
 
     def segment_info(self) -> dict:
         """The COCO panoptic `segments_info` entry (integer box, as the COCO files carry it)."""
@@ -130,7 +134,8 @@ class ImagePrediction:
         ids = np.asfortranarray(ids)  # so that each `ids == id` is column-major, as COCO RLE runs
         segments = tuple(
             Segment.from_mask(info["id"], info["category_id"], ids == info["id"],
-                              score=float(info.get("score", 1.0)), iscrowd=bool(info.get("iscrowd", 0)))
+                              score=float(info.get("score", 1.0)), iscrowd=bool(info.get("iscrowd", 0)),
+                              stability=info.get("stability"))
             for info in segments_info
         )
         return cls(image_id, file_name, ids.shape[0], ids.shape[1], segments)
@@ -230,10 +235,14 @@ def _opens(data: bytes) -> bool:
 # --- Arrow: one row per segment, schema from schemas/predictions.json ---------------------------
 
 PREDICTIONS_SCHEMA = arrow_schema("predictions")
+SIGNAL_COLUMNS = ("stability", "flip_iou", "touches_border")
+"""Columns since version 2 of the predictions table: a version 1 table reads with them null."""
 
 
 def predictions_to_arrow(predictions: Iterable[ImagePrediction], run_id: str, model: str) -> pa.Table:
     """A predictions table (one row per segment); images without segments have no row."""
+    from pipeline.signals import touches_border
+
     columns: dict[str, list] = {name: [] for name in PREDICTIONS_SCHEMA.names}
     for prediction in predictions:
         for s in prediction.segments:
@@ -242,7 +251,8 @@ def predictions_to_arrow(predictions: Iterable[ImagePrediction], run_id: str, mo
                 ("file_name", prediction.file_name), ("height", prediction.height),
                 ("width", prediction.width), ("segment_id", s.id), ("category_id", s.category_id),
                 ("score", s.score), ("iscrowd", s.iscrowd), ("area", s.area), ("bbox", list(s.bbox)),
-                ("rle", s.rle.counts),
+                ("rle", s.rle.counts), ("stability", s.stability), ("flip_iou", s.flip_iou),
+                ("touches_border", touches_border(s.bbox, prediction.height, prediction.width)),
             ):
                 columns[name].append(value)
     return pa.Table.from_pydict(columns, schema=PREDICTIONS_SCHEMA)
@@ -250,10 +260,11 @@ def predictions_to_arrow(predictions: Iterable[ImagePrediction], run_id: str, mo
 
 def predictions_from_arrow(table: pa.Table | pa.RecordBatch) -> list[ImagePrediction]:
     """Images in the order they first appear, each with its segments in row order."""
-    missing = set(PREDICTIONS_SCHEMA.names) - set(table.schema.names)
+    missing = set(PREDICTIONS_SCHEMA.names) - set(table.schema.names) - set(SIGNAL_COLUMNS)
     if missing:
         raise SegpipeError(f"predictions table lacks columns {sorted(missing)}")
-    col = {name: table.column(name).to_pylist() for name in PREDICTIONS_SCHEMA.names if name != "bbox"}
+    col = {name: table.column(name).to_pylist() if name in table.schema.names else [None] * table.num_rows
+           for name in PREDICTIONS_SCHEMA.names if name != "bbox"}
     boxes = table.column("bbox")
     boxes = boxes.combine_chunks() if isinstance(boxes, pa.ChunkedArray) else boxes
     boxes = boxes.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
@@ -263,6 +274,7 @@ def predictions_from_arrow(table: pa.Table | pa.RecordBatch) -> list[ImagePredic
         segment = Segment(
             col["segment_id"][i], col["category_id"][i], Rle(col["rle"][i], height, width),
             col["area"][i], tuple(float(v) for v in boxes[i]), col["score"][i], col["iscrowd"][i],
+            col["stability"][i], col["flip_iou"][i],
         )
         header = (col["file_name"][i], height, width)
         by_image.setdefault(image_id, (header, []))[1].append(segment)

@@ -166,6 +166,44 @@ def test_instance_model_writes_results_and_table_but_no_panoptic_files(cluster, 
     assert results == [r for p in expected for r in p.to_coco_results()]
 
 
+def test_flip_check_gives_each_segment_its_agreement_with_the_mirrored_image_and_every_one_its_stability(
+        cluster, dataset, tmp_path):
+    from pipeline.io.decode import decode_image
+    from pipeline.io.shards import list_shards, read_shard
+    from pipeline.io.tables import parquet_files, read_predictions
+    from pipeline.models import load_model
+    from pipeline.signals import flip_agreement
+
+    shard = str(dataset / "shards" / "val-00001.tar")
+    out = tmp_path / "out"
+    run(InferConfig(input=shard, out=str(out), model="segpipe_small", settings=SMALL, flip_check=True))
+    table = pq.read_table(out / "predictions")
+    stability, flip = table.column("stability").to_pylist(), table.column("flip_iou").to_pylist()
+    assert table.num_rows > 4 and all(0 <= v <= 1 for v in stability + flip) and 0 < sum(flip) < len(flip)
+    # The same numbers made here: the shard's images and their mirrors through the model in the actor's batch
+    # (4 images, one torch thread: the same bits), then flip_agreement.
+    import torch
+
+    from pipeline.infer import image_id_for
+
+    adapter, threads = load_model("segpipe_small", SMALL), torch.get_num_threads()
+    records = list(read_shard(list_shards(shard)[0]))
+    images, ids, keys = [decode_image(r.data) for r in records], [image_id_for(r.key) for r in records], [r.key for r in records]
+    torch.set_num_threads(1)
+    plain, mirrored = [], []
+    try:
+        for i in range(0, len(images), 4):
+            plain += adapter.predict(images[i:i + 4], ids[i:i + 4], keys[i:i + 4])
+            mirrored += adapter.predict([np.ascontiguousarray(im[:, ::-1]) for im in images[i:i + 4]], ids[i:i + 4],
+                                        keys[i:i + 4])
+    finally:
+        torch.set_num_threads(threads)
+    got = {p.image_id: p for p in read_predictions(parquet_files(str(out / "predictions")))}
+    for expected, flipped in zip(plain, mirrored):
+        assert [s.flip_iou for s in got[expected.image_id].segments] == flip_agreement(expected, flipped)
+        assert [s.stability for s in got[expected.image_id].segments] == [s.stability for s in expected.segments]
+
+
 def test_weights_come_from_the_checkpoint_with_its_categories_and_a_bad_one_fails_before_ray(cluster, dataset, tmp_path):
     import torch
 

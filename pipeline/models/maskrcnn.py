@@ -10,6 +10,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet5
 
 from pipeline.models.base import Model, ModelSettings, build_module, to_tensors
 from pipeline.models.outputs import COCO_THING_IDS, InstancePostprocess, pack_masks, thing_categories
+from pipeline.signals import mask_stability
 
 
 def detections(out: dict[str, torch.Tensor], settings: ModelSettings, valid: torch.Tensor, height: int,
@@ -17,9 +18,11 @@ def detections(out: dict[str, torch.Tensor], settings: ModelSettings, valid: tor
     """One image's torchvision detections above the score threshold, masks thresholded and packed.
     The 10 "N/A" slots of torchvision's 91-index are no COCO category: never emitted."""
     keep = (out["scores"] >= settings.score_threshold) & torch.isin(out["labels"], valid)
-    return {"masks": pack_masks((out["masks"][keep, 0] > mask_threshold).cpu().numpy()),
+    probabilities = out["masks"][keep, 0]
+    return {"masks": pack_masks((probabilities > mask_threshold).cpu().numpy()),
             "scores": out["scores"][keep].cpu().double().numpy(),
-            "labels": out["labels"][keep].cpu().numpy(), "height": height, "width": width}
+            "labels": out["labels"][keep].cpu().numpy(), "height": height, "width": width,
+            "stability": mask_stability(probabilities, mask_threshold)}
 
 
 class MaskRCNN(Model):

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.categories import category_by_id, coco_panoptic_categories
 from pipeline.fusion import FusionConfig, fuse_panoptic
+from pipeline.signals import region_stability
 from pipeline.structures import ImagePrediction, Segment
 
 COCO_THING_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -44,6 +45,17 @@ def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
     return np.unpackbits(packed, axis=-1, count=width).astype(bool)
 
 
+def with_region_stability(ids: np.ndarray, segments: list[dict], raw: dict[str, Any],
+                          only: set[int] | None = None) -> list[dict]:
+    """`segments` with the stability of each (of those whose id is in `only`, if given) from the raw output's
+    packed `cuts` of its class probabilities (pipeline.signals); unchanged when the model gave none."""
+    if "cuts" not in raw:
+        return segments
+    chosen = [s["id"] for s in segments if only is None or s["id"] in only]
+    found = dict(zip(chosen, region_stability(ids, chosen, unpack_masks(raw["cuts"], ids.shape[1]))))
+    return [{**s, "stability": found[s["id"]]} if s["id"] in found else s for s in segments]
+
+
 class Postprocess(Protocol):
     """Turns one image's raw model output into segments. Small and picklable: it runs on CPU tasks,
     away from the model actors, so masks are encoded while the accelerator works on the next batch."""
@@ -68,8 +80,11 @@ class InstancePostprocess:
 
     def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction:
         masks = unpack_masks(raw["masks"], raw["width"])
-        segments = tuple(Segment.from_mask(k + 1, int(label), mask, score=float(score))
-                         for k, (mask, score, label) in enumerate(zip(masks, raw["scores"], raw["labels"])))
+        stability = raw.get("stability", [None] * len(masks))
+        segments = tuple(Segment.from_mask(k + 1, int(label), mask, score=float(score),
+                                           stability=None if stable is None else float(stable))
+                         for k, (mask, score, label, stable) in enumerate(zip(masks, raw["scores"], raw["labels"],
+                                                                              stability)))
         return ImagePrediction(image_id, file_name, raw["height"], raw["width"], segments)
 
 
@@ -81,8 +96,9 @@ class FusionPostprocess(PanopticPostprocess):
 
     def panoptic(self, raw: dict[str, Any]) -> tuple[np.ndarray, list[dict]]:
         semantic = np.asarray([0, *STUFF_IDS], np.int64)[raw["semantic"]]
-        return fuse_panoptic(unpack_masks(raw["masks"], raw["width"]), raw["scores"], raw["labels"], semantic,
-                             set(STUFF_IDS), self.config)
+        ids, segments = fuse_panoptic(unpack_masks(raw["masks"], raw["width"]), raw["scores"], raw["labels"],
+                                      semantic, set(STUFF_IDS), self.config, raw.get("stability"))
+        return ids, with_region_stability(ids, segments, raw, {s["id"] for s in segments if "stability" not in s})
 
 
 @dataclass(frozen=True)
@@ -133,7 +149,7 @@ class BottomUpPostprocess(PanopticPostprocess):
                 segments.append({"id": len(segments) + 1, "category_id": self.category_ids[index], "iscrowd": 0,
                                  "score": 1.0})
                 ids[region] = len(segments)
-        return ids, segments
+        return ids, with_region_stability(ids, segments, raw)
 
     def _centres(self, heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(K x 2 centre coordinates in input pixels, K scores): heatmap peaks above the threshold, a peak

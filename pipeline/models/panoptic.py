@@ -11,7 +11,8 @@ from torchvision.models.segmentation import deeplabv3_resnet50
 
 from pipeline.models.base import Model, ModelSettings, build_module, to_tensors
 from pipeline.models.maskrcnn import detections
-from pipeline.models.outputs import COCO_THING_IDS, STUFF_IDS, FusionPostprocess, panoptic_categories
+from pipeline.models.outputs import COCO_THING_IDS, STUFF_IDS, FusionPostprocess, pack_masks, panoptic_categories
+from pipeline.signals import soft_cuts
 
 # Semantic classes: 0 = "some thing" (left to the instance branch), then COCO's 53 stuff categories.
 
@@ -49,7 +50,10 @@ class PanopticModel(Model):
         for tensor, out in zip(tensors, self.module["instance"](tensors)):
             logits = self.module["semantic"](((tensor - self._mean) / self._std)[None])["out"][0]
             raw = detections(out, self.settings, self._valid, *tensor.shape[1:], self.settings.fusion.mask_threshold)
-            raw["semantic"] = logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
+            top = logits.max(dim=0)
+            raw["semantic"] = top.indices.to(torch.uint8).cpu().numpy()
+            probability = torch.exp(top.values - torch.logsumexp(logits, 0)).cpu().numpy()
+            raw["cuts"] = pack_masks(soft_cuts(probability))  # for the stuff segments' stability
             raws.append(raw)
         return raws
 

@@ -13,7 +13,8 @@ from torch import nn
 from pipeline.categories import coco_panoptic_categories
 from pipeline.errors import SegpipeError
 from pipeline.models.base import Model, ModelSettings, build_module, read_checkpoint, to_tensors
-from pipeline.models.outputs import STRIDE, BottomUpPostprocess
+from pipeline.models.outputs import STRIDE, BottomUpPostprocess, pack_masks
+from pipeline.signals import soft_cuts
 
 NAME = "segpipe_small"
 MEAN = (0.485, 0.456, 0.406)
@@ -100,7 +101,10 @@ class SmallPanoptic(Model):
     def forward(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         out = self.module(self.batch(images))
         semantic = F.interpolate(out["semantic"], scale_factor=STRIDE, mode="bilinear", align_corners=False)
-        labels = semantic.argmax(1).to(torch.uint8).cpu().numpy()
+        top = semantic.max(1)
+        labels = top.indices.to(torch.uint8).cpu().numpy()
+        # The probability of each pixel's class, cut twice for the segments' stability (pipeline.signals): bits only.
+        probability = torch.exp(top.values - torch.logsumexp(semantic, 1)).cpu().numpy()
         centre = out["centre"][:, 0].to(torch.float16).cpu().numpy()
         offset = out["offset"].to(torch.float16).cpu().numpy()
         raws = []
@@ -109,7 +113,8 @@ class SmallPanoptic(Model):
             hs, ws = -(-h // STRIDE), -(-w // STRIDE)
             raws.append({"semantic": np.ascontiguousarray(labels[i, :h, :w]),
                          "centre": np.ascontiguousarray(centre[i, :hs, :ws]),
-                         "offset": np.ascontiguousarray(offset[i, :, :hs, :ws])})
+                         "offset": np.ascontiguousarray(offset[i, :, :hs, :ws]),
+                         "cuts": pack_masks(soft_cuts(probability[i, :h, :w]))})
         return raws
 
 
