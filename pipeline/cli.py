@@ -236,6 +236,8 @@ def train(
     init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint (path or URI); default: random initialisation.")] = None,
     train_images: Annotated[Optional[str], typer.Option(help="Images of --train (default: COCO layout, ROOT/SPLIT beside ROOT/annotations/; an infer folder's input).")] = None,
     val_images: Annotated[Optional[str], typer.Option(help="Images of --val (default as for --train-images).")] = None,
+    pseudo: Annotated[Optional[list[str]], typer.Option(help="Pseudo-labels to train on beside --train: a `segpipe filter` or `segpipe infer` output folder (repeat for more).")] = None,
+    pseudo_ratio: Annotated[Optional[float], typer.Option(min=0, max=1, help="The share of every batch drawn from --pseudo (default: all examples alike).")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Optimiser steps (or give --epochs).")] = None,
     epochs: Annotated[Optional[float], typer.Option(min=0, help="Passes over the training images (or give --steps).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step, over all workers.")] = 8,
@@ -256,7 +258,7 @@ def train(
 
     config = train_stage.TrainConfig(
         train=train, val=val, model=model, out=out, init=init, train_images=train_images, val_images=val_images,
-        workers=workers, gpus_per_worker=gpus_per_worker, steps=steps, epochs=epochs, batch_size=batch_size,
+        pseudo=tuple(pseudo or ()), pseudo_ratio=pseudo_ratio, workers=workers, gpus_per_worker=gpus_per_worker, steps=steps, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every, resume=resume, address=address,
         settings=replace(train_stage.TrainConfig.settings, min_size=min_size, max_size=max_size))
     start = time.perf_counter()

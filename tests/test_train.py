@@ -76,13 +76,17 @@ def test_the_checkpoint_labels_with_segpipe_infer_and_scores_what_validation_sai
 
     ap = evaluate_ap(str(dataset / "annotations" / "instances_val.json"), str(labels / "instances_pred_results.json"))
     assert ap["stats"][0] == pytest.approx(result.history[-1]["ap"], abs=5e-3)
-    # Those labels are pseudo-labels the next round trains on: the infer folder is a dataset.
-    again = run(TrainConfig(train=str(labels), val=str(dataset / "annotations" / "panoptic_val.json"),
+    # Those labels are pseudo-labels the next round trains on beside the human ones, half of each batch.
+    panoptic = str(dataset / "annotations" / "panoptic_val.json")
+    again = run(TrainConfig(train=panoptic, val=panoptic, pseudo=(str(labels),), pseudo_ratio=0.5,
                             model="segpipe_small", out=str(tmp_path / "round2"), init=str(out / "model.pt"),
                             steps=2, batch_size=2, checkpoint_every=2))
     assert [point["step"] for point in again.history] == [2]
     checkpoint = torch.load(tmp_path / "round2" / "model.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["data"]["train"] == json.loads((tmp_path / "round2" / "train.json").read_text())["train"]["fingerprint"]
+    identity = json.loads((tmp_path / "round2" / "train.json").read_text())
+    assert checkpoint["data"]["train"] == identity["train"]["fingerprint"]
+    assert checkpoint["data"]["pseudo"] == [identity["pseudo"][0]["fingerprint"]] and identity["pseudo_ratio"] == 0.5
+    assert identity["pseudo"][0]["images"] == str(dataset / "val")  # the infer run's input
 
 
 def test_mask_rcnn_fine_tunes_from_a_users_checkpoint(cluster, dataset, tmp_path):

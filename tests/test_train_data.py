@@ -52,6 +52,28 @@ def test_the_sample_stream_is_a_permutation_per_epoch_and_fixed_by_the_seed(data
     assert stream != [sample_index(_plan(data, seed=1), p) for p in range(36)]
 
 
+def test_a_pseudo_ratio_fixes_the_mix_of_every_batch_and_each_source_keeps_its_own_stream(dataset):
+    from dataclasses import replace
+
+    data = load_dataset(str(dataset / "annotations" / "panoptic_val.json"))  # 12 examples
+    human = replace(data, examples=data.examples[:4])
+    pseudo = replace(data, uri="pseudo", examples=data.examples[4:])  # 8 examples: indices 4..11
+    plan = replace(_plan(human, batch_size=4), pseudo=(pseudo,), pseudo_ratio=0.25)
+    stream = [sample_index(plan, p) for p in range(4 * 16)]
+    batches = [stream[4 * b:4 * b + 4] for b in range(16)]
+    assert all([i >= 4 for i, _ in batch] == [True, False, False, False] for batch in batches)  # 1 of 4 pseudo
+    pseudo_stream = [i for batch in batches for i, _ in batch[:1]]
+    assert sorted(pseudo_stream[:8]) == sorted(pseudo_stream[8:]) == list(range(4, 12))  # a permutation an epoch
+    human_stream = [i for batch in batches for i, _ in batch[1:]]
+    assert all(sorted(human_stream[4 * e:4 * e + 4]) == [0, 1, 2, 3] for e in range(12))
+    assert stream == [sample_index(plan, p) for p in range(64)]
+    # Without a ratio: one stream over all 12 examples, the same as 12 human ones.
+    mixed = replace(plan, pseudo_ratio=None)
+    assert [sample_index(mixed, p) for p in range(24)] == [sample_index(_plan(data), p) for p in range(24)]
+    assert all(sum(i >= 4 for i, _ in b) == 4 for b in [[sample_index(replace(plan, pseudo_ratio=1.0), p)
+                                                         for p in range(4 * k, 4 * k + 4)] for k in range(5)])
+
+
 def test_validation_gives_the_numbers_segpipe_eval_pq_and_pycocotools_give_for_the_same_predictions(dataset, tmp_path):
     """The training loop's PQ is `segpipe eval pq` of the model's predictions, to the last bit, and its AP
     is pycocotools' on the instances file. The model's outputs are the ground truth's own targets (a random
@@ -144,6 +166,10 @@ def test_bad_training_input_is_one_clear_line(cli, dataset, tmp_path):
         (["--train", panoptic, "--model", "segpipe_small", "--workers", "3"], "does not split over --workers 3"),
         (["--train", str(tmp_path), "--model", "segpipe_small"], "not a `segpipe infer` output"),
         (["--train", str(tmp_path / "nowhere.json"), "--model", "segpipe_small"], "nowhere.json: no such file"),
+        (["--train", panoptic, "--model", "segpipe_small", "--pseudo-ratio", "0.5"], "--pseudo-ratio: needs --pseudo"),
+        (["--train", panoptic, "--model", "segpipe_small", "--pseudo", str(tmp_path)], "not a `segpipe infer` output"),
+        (["--train", panoptic, "--model", "segpipe_small", "--pseudo", str(dataset / "annotations" / "instances_val.json")],
+         "segpipe_small learns panoptic labels"),
     ):
         result = cli(*arguments, *common)
         assert result.exit_code == 2 and message in result.output.strip().splitlines()[-1], (arguments, result.output)

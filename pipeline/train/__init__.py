@@ -37,6 +37,10 @@ class TrainConfig:
     train_images: str | None = None
     """Where --train's images are (default: COCO's layout, or the infer run's input)."""
     val_images: str | None = None
+    pseudo: tuple[str, ...] = ()
+    """Pseudo-label sources trained on beside `train` (`segpipe infer` or `segpipe filter` output folders)."""
+    pseudo_ratio: float | None = None
+    """The share of every batch drawn from `pseudo`; None: one stream over all examples alike."""
     workers: int = 1
     """Ray Train workers (DDP)."""
     gpus_per_worker: float = 0
@@ -78,7 +82,9 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
     check_model_name(config.model)
     # Local paths made absolute: Ray Train runs each worker in a folder of its own.
     config = replace(config, **{k: absolute(v) for k in ("train", "val", "out", "init", "train_images", "val_images")
-                                if (v := getattr(config, k)) is not None})
+                                if (v := getattr(config, k)) is not None}, pseudo=tuple(absolute(p) for p in config.pseudo))
+    if config.pseudo_ratio is not None and not (config.pseudo and 0 <= config.pseudo_ratio <= 1):
+        raise SegpipeError("--pseudo-ratio: needs --pseudo, and lies in [0, 1]")
     if config.workers < 1 or config.batch_size < 1:
         raise SegpipeError("--workers and --batch-size must be at least 1")
     if config.batch_size % config.workers:
@@ -88,19 +94,22 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
         raise SegpipeError("give one of --steps and --epochs")
     train = load_dataset(config.train, config.train_images)
     val = load_dataset(config.val, config.val_images)
-    for dataset in (train, val):
+    pseudo = tuple(load_dataset(uri) for uri in config.pseudo)
+    for dataset in (train, val, *pseudo):
         check_images(dataset)
-    if config.model == "segpipe_small" and train.kind == "instances":
-        raise SegpipeError(f"{config.train}: COCO instances labels; segpipe_small learns panoptic labels (things "
-                           "and stuff): give a COCO panoptic file or a panoptic model's predictions")
+    for dataset in (train, *pseudo):
+        if config.model == "segpipe_small" and dataset.kind == "instances":
+            raise SegpipeError(f"{dataset.uri}: COCO instances labels; segpipe_small learns panoptic labels (things "
+                               "and stuff): give a COCO panoptic file or a panoptic model's predictions")
     settings = replace(config.settings, weights=config.init, random_weights=config.init is None, seed=config.seed,
                        categories=tuple(train.categories) if config.init is None else None)
     adapter = load_model(config.model, settings)  # an unreadable or unfitting --init fails here, before Ray
     objective = objective_for(adapter)
-    for dataset in (train, val):
+    for dataset in (train, val, *pseudo):
         check_categories(dataset, adapter.categories, f"{config.model}" + (f" (from {config.init})" if config.init else ""),
                          objective.things_only)
-    steps = config.steps if config.steps is not None else math.ceil(config.epochs * len(train.examples) / config.batch_size)
+    examples = len(train.examples) + sum(len(d.examples) for d in pseudo)
+    steps = config.steps if config.steps is not None else math.ceil(config.epochs * examples / config.batch_size)
     if steps < 1:
         raise SegpipeError("--steps / --epochs give no training step")
     identity = {"format": FORMAT_VERSION, "model": config.model, "init": config.init,
@@ -110,18 +119,27 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
                 "learning_rate": config.learning_rate or objective.learning_rate, "warmup": min(config.warmup, steps),
                 "seed": config.seed, "checkpoint_every": config.checkpoint_every or max(1, math.ceil(steps / 5)),
                 "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "categories")}}
+    if pseudo:  # (absent otherwise, so runs from before pseudo-labels still resume)
+        identity["pseudo"] = [{"uri": d.uri, "images": d.images, "fingerprint": d.fingerprint} for d in pseudo]
+        identity["pseudo_ratio"] = config.pseudo_ratio
     identity = json.loads(json.dumps(identity))
     out = config.out.rstrip("/")
     new_run = _check_out(out, identity, config.resume)
-    metadata = {"data": {"train": train.fingerprint, "val": val.fingerprint}, "code_version": version("segpipe"),
+    metadata = {"data": {"train": train.fingerprint, "val": val.fingerprint,
+                         **({"pseudo": [d.fingerprint for d in pseudo]} if pseudo else {})},
+                "code_version": version("segpipe"),
                 "run_id": hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16],
                 "settings": identity["settings"], "batch_size": config.batch_size}
     plan = Plan(model=config.model, settings=settings, train=train, val=val, steps=steps, batch_size=config.batch_size,
                 learning_rate=identity["learning_rate"], warmup=identity["warmup"], seed=config.seed,
-                checkpoint_every=identity["checkpoint_every"], log_every=config.log_every, threads=1, metadata=metadata)
+                checkpoint_every=identity["checkpoint_every"], log_every=config.log_every, threads=1, metadata=metadata,
+                pseudo=pseudo, pseudo_ratio=config.pseudo_ratio)
     del adapter, objective
     progress(f"training {config.model} for {steps} steps (batch {config.batch_size} over {config.workers} "
-             f"workers) on {len(train.examples)} images; validating on {len(val.examples)} every "
+             f"workers) on {len(train.examples)} images"
+             + (f" and {examples - len(train.examples)} pseudo-labelled ones" if pseudo else "")
+             + (f" ({plan.pseudo_ratio:g} of each batch)" if pseudo and plan.pseudo_ratio is not None else "")
+             + f"; validating on {len(val.examples)} every "
              f"{plan.checkpoint_every} steps")
     _fit(config, plan, out, identity if new_run else None)
     history = read_json(join(out, "metrics.json"))["history"]

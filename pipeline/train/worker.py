@@ -45,16 +45,45 @@ class Plan:
     """torch threads per worker (its CPUs)."""
     metadata: dict = field(default_factory=dict)
     """Goes into every checkpoint's model.pt (data fingerprints, code version, run id, settings)."""
+    pseudo: tuple[Dataset, ...] = ()
+    """Pseudo-label sources (`segpipe infer` / `segpipe filter` outputs), trained on beside `train`."""
+    pseudo_ratio: float | None = None
+    """The share of every batch drawn from `pseudo` (its own stream); None: one stream over all examples."""
+
+
+def sources(plan: Plan) -> tuple[Dataset, ...]:
+    """The training datasets, human labels first: a sample's index counts through them in this order."""
+    return (plan.train, *plan.pseudo)
+
+
+def pseudo_per_batch(plan: Plan) -> int:
+    return round(plan.pseudo_ratio * plan.batch_size) if plan.pseudo_ratio is not None and plan.pseudo else 0
 
 
 def sample_index(plan: Plan, position: int) -> tuple[int, bool]:
     """The example at `position` of the run's sample stream (epoch after epoch, each a fresh permutation
     seeded by (seed, epoch)), and whether it is flipped. Independent of the number of workers, so 1 and 2
-    workers see the same global batches, and a resumed run sees what the unbroken run would have."""
-    n = len(plan.train.examples)
+    workers see the same global batches, and a resumed run sees what the unbroken run would have.
+
+    With a pseudo ratio, the first k = round(ratio x batch) places of every global batch come from the
+    pseudo-labels' own stream and the rest from the human labels' stream, so the mix stays fixed however
+    many pseudo-labels there are; indices count human examples first."""
+    n_human = len(plan.train.examples)
+    n_pseudo = sum(len(d.examples) for d in plan.pseudo)
+    k = pseudo_per_batch(plan)
+    if plan.pseudo_ratio is None or not n_pseudo:
+        return _stream(plan.seed, (), n_human + n_pseudo, position)
+    step, j = divmod(position, plan.batch_size)
+    if j < k:
+        index, flip = _stream(plan.seed, (2,), n_pseudo, step * k + j)
+        return n_human + index, flip
+    return _stream(plan.seed, (), n_human, step * (plan.batch_size - k) + j - k)
+
+
+def _stream(seed: int, salt: tuple[int, ...], n: int, position: int) -> tuple[int, bool]:
     epoch, offset = divmod(position, n)
-    order = np.random.default_rng([plan.seed, epoch]).permutation(n)
-    flip = np.random.default_rng([plan.seed, epoch, offset, 1]).random() < 0.5
+    order = np.random.default_rng([seed, epoch, *salt]).permutation(n)
+    flip = np.random.default_rng([seed, epoch, offset, 1, *salt]).random() < 0.5
     return int(order[offset]), bool(flip)
 
 
@@ -97,8 +126,8 @@ def train_loop(plan: Plan) -> None:
     torch.set_num_threads(plan.threads)
     adapter = load_model(plan.model, plan.settings)
     objective = objective_for(adapter)
-    train_examples = list(plan.train.examples)
-    encoded = read_encoded(plan.train, train_examples)
+    pool = [(dataset, example) for dataset in sources(plan) for example in dataset.examples]
+    encoded = [pair for dataset in sources(plan) for pair in read_encoded(dataset, list(dataset.examples))]
     val_examples = list(plan.val.examples[rank::world])
     val_encoded = read_encoded(plan.val, val_examples)
     objective.train_mode()
@@ -112,7 +141,7 @@ def train_loop(plan: Plan) -> None:
     while step < plan.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(plan, step)
-        samples = _batch(plan, train_examples, encoded, step, rank, world)
+        samples = _batch(plan, pool, encoded, step, rank, world)
         loss, parts = objective.loss(module, samples)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,13 +180,14 @@ def _restore(adapter, optimizer) -> tuple[int, list[dict]]:
     return state["step"], weights["history"]
 
 
-def _batch(plan: Plan, examples: list[Example], encoded: list, step: int, rank: int, world: int) -> list[Sample]:
+def _batch(plan: Plan, pool: list[tuple[Dataset, Example]], encoded: list, step: int, rank: int,
+           world: int) -> list[Sample]:
     """This worker's share of step `step`'s global batch, decoded and (as the stream says) flipped."""
     per_worker = plan.batch_size // world
     samples = []
     for j in range(rank * per_worker, (rank + 1) * per_worker):
         index, flip = sample_index(plan, step * plan.batch_size + j)
-        sample = decode(plan.train, examples[index], *encoded[index])
+        sample = decode(*pool[index], *encoded[index])
         if flip:
             sample.image, sample.ids = sample.image[:, ::-1], sample.ids[:, ::-1]
         samples.append(sample)
