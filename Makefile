@@ -45,9 +45,17 @@ demo: $(STAMP)
 		--pred $(DEMO)/labels-val/panoptic_pred.json --out $(DEMO)/labels-val/pq.json
 	$(BIN)/segpipe eval ap --gt $(DEMO)/annotations/instances_val.json \
 		--pred $(DEMO)/labels-val/instances_pred_results.json --out $(DEMO)/labels-val/ap.json
+	# One data-engine round: pseudo-label a pool of 200 unlabeled images, filter, retrain on train + kept, promote.
+	$(BIN)/segpipe synth $(DEMO) --images 200 --split pool --seed 2
+	printf '%s\n' "out: engine" "model: segpipe_small" "start: model/model.pt" \
+		"labeled: annotations/panoptic_train.json" "unlabeled: pool" "heldout: annotations/panoptic_val.json" \
+		"rounds: 1" "train: {steps: 100, batch_size: 8, pseudo_ratio: 0.5}" > $(DEMO)/engine.yaml
+	$(BIN)/segpipe engine run $(DEMO)/engine.yaml
+	$(BIN)/segpipe engine status $(DEMO)/engine
 	@echo "demo: data in $(DEMO)/ (train: 200 images + 4 tar shards, val: 50), model in $(DEMO)/model/model.pt"
 	@echo "      (checkpoints/, metrics.json), labels of val in $(DEMO)/labels-val/ (predictions/*.parquet,"
-	@echo "      panoptic_pred.json + PNGs, instances_pred_results.json, pq.json, ap.json)"
+	@echo "      panoptic_pred.json + PNGs, instances_pred_results.json, pq.json, ap.json), one engine round in"
+	@echo "      $(DEMO)/engine/ (round-N/manifest.json; the job: $(DEMO)/engine.yaml)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info $(DEMO)

@@ -40,10 +40,10 @@ TARGETS = [  # (what, task, tool, input, against, at least): the issue's "Done m
 
 
 def plan(tasks: list[str], shapes: list[str], workers: list[int], tools: set[str] | None = None,
-         threads: list[int] = (0,)) -> list[dict]:
+         threads: list[int] = (1,)) -> list[dict]:
     """The measurements: task entries are ap (every shape), ap-SHAPE, pq (synth and every shape), pq-SHAPE or miou.
     Reference tools are always kept. segpipe runs with each worker count and, in-process, each thread count
-    (0: its default, every core the process may use); the other tools use the threads they choose."""
+    (0: every core the process may use); the other tools use the threads they choose."""
     specs = []
     for entry in tasks:
         task, _, shape = entry.partition("-")
@@ -65,7 +65,7 @@ def plan(tasks: list[str], shapes: list[str], workers: list[int], tools: set[str
 
 def run(data: Path, images: int, height: int, width: int, repeat: int, workers: list[int], out: Path | None,
         tasks: list[str] = ("ap", "pq", "miou"), shapes: list[str] = tuple(SHAPES), tools: set[str] | None = None,
-        echo=print, threads: list[int] = (0,)) -> dict:
+        echo=print, threads: list[int] = (1,)) -> dict:
     """Prepare the data, run every planned measurement `repeat` times in fresh processes, report medians."""
     specs = plan(list(tasks), list(shapes), workers, tools, list(threads))
     start = time.perf_counter()
@@ -212,11 +212,11 @@ def measure(spec: dict) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools and hotcoco print their summaries
         if spec["task"] == "ap":
-            numbers = _ap(spec["tool"], spec["input"], spec["iou_type"], paths, spec["workers"], spec["threads"] or None)
+            numbers = _ap(spec["tool"], spec["input"], spec["iou_type"], paths, spec["workers"], spec["threads"])
         elif spec["task"] == "pq":
-            numbers = _pq(spec["tool"], spec["input"], paths, spec["workers"], spec["threads"] or None)
+            numbers = _pq(spec["tool"], spec["input"], paths, spec["workers"], spec["threads"])
         else:
-            numbers = _miou(spec["tool"], spec["input"], paths, spec["workers"], spec["threads"] or None)
+            numbers = _miou(spec["tool"], spec["input"], paths, spec["workers"], spec["threads"])
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": _peak_rss_mb(),
             "numbers": [float(v) for v in numbers]}

@@ -21,11 +21,15 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluate predictions: panopti
 app.add_typer(eval_app, name="eval")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON reports, medians of fresh-process runs.")
 app.add_typer(bench_app, name="bench")
+engine_app = typer.Typer(no_args_is_help=True, help="The data engine: rounds of annotate, filter, retrain, evaluate, promote.")
+app.add_typer(engine_app, name="engine")
 
 Workers = Annotated[int, typer.Option(min=1, help="Local worker processes; 1 runs in this process. Output does not depend on it.")]
 Address = Annotated[Optional[str], typer.Option(help="Run the shards as Ray tasks on this cluster (auto, host:port, ray://...).")]
-Threads = Annotated[Optional[int], typer.Option(min=1, help="With --workers 1: shards evaluated at once on threads of this process "
-                                                        "(default: the cores it may use). Output does not depend on it.")]
+Threads = Annotated[Optional[int], typer.Option(min=0, help="With --workers 1: shards evaluated at once on threads of this process "
+                                                        "(default 1; 0: every core it may use). Output does not depend on it. "
+                                                        "Known issue: with tables, several threads can end the process in a C++ "
+                                                        "abort at exit (about 1 run in 40), after the results are written.")]
 
 
 def _user_errors(command):
@@ -222,6 +226,35 @@ def filter_command(
     typer.echo(f"  decisions  {out.rstrip('/')}/decisions\n  labels     {out.rstrip('/')} (segpipe train --train)")
 
 
+@engine_app.command("run")
+@_user_errors
+def engine_run(
+    job: Annotated[str, typer.Argument(help="The job spec (YAML, schemas/engine-job.json; see jobs/engine.yaml).")],
+) -> None:
+    """Run a data-engine job's rounds, resuming what its out folder holds.
+
+    Example: segpipe engine run jobs/engine.yaml
+    """
+    from pipeline import engine
+
+    spec = engine.load_job(job)
+    engine.check_job(spec)
+    manifests = engine.run(spec, progress=lambda line: typer.echo(line, err=True))
+    typer.echo(engine.table(manifests))
+    typer.echo(f"model: {manifests[-1]['current']}")
+
+
+@engine_app.command("status")
+@_user_errors
+def engine_status(
+    out: Annotated[str, typer.Argument(help="A data-engine job's out folder.")],
+) -> None:
+    """The rounds so far: candidates, kept pseudo-labels, audit precision, held-out PQ, promoted."""
+    from pipeline import engine
+
+    typer.echo(engine.table(engine.status(out)))
+
+
 def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -371,7 +404,7 @@ def bench_eval(
     shapes: Annotated[str, typer.Option(help="AP and PQ data shapes: few (~4 GT, ~6 detections an image), many (up to 80, tied scores).")] = "few,many",
     repeat: Annotated[int, typer.Option(min=1, help="Runs per measurement; the median is reported.")] = 3,
     workers: Annotated[str, typer.Option(help="segpipe worker counts, comma-separated (the other tools run once, on 1).")] = "1",
-    threads: Annotated[str, typer.Option(help="segpipe thread counts with one worker, comma-separated; 0: every core (its default).")] = "0",
+    threads: Annotated[str, typer.Option(help="segpipe thread counts with one worker, comma-separated; 0: every core.")] = "1",
     out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-eval.json",
 ) -> None:
     """AP, PQ and mIoU: segpipe against pycocotools, faster-coco-eval, hotcoco and torchmetrics, each in a fresh process."""

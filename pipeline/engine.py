@@ -1,0 +1,254 @@
+"""`segpipe engine`: the data engine's rounds (annotate, filter, retrain, evaluate, promote), resumable stage by stage.
+
+    round 0:  the starting model on the held-out set (its PQ is the bar)
+    round r:  infer the unlabeled pool with the current model -> filter (rules, audit) -> train on the labeled
+              set + the kept pseudo-labels (a fixed share of each batch), from the current model -> infer and
+              evaluate the held-out set -> promote the new model if its PQ drops by no more than the tolerance
+
+Every stage writes under OUT/round-N/ and the round's manifest (OUT/round-N/manifest.json, atomic) records
+each finished stage, its outputs and numbers; a rerun skips finished stages and resumes the unfinished one
+(inference commits shards, training resumes from its last checkpoint). OUT/engine.json holds the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+from pipeline.errors import SegpipeError
+from pipeline.io.fs import join, read_json, url_to_fs, write_json
+
+STAGES = ("annotate", "filter", "retrain", "evaluate", "promote")
+DEFAULTS = {
+    "infer": {"batch_size": 4, "actors": 1, "gpus_per_actor": 0.0, "flip_check": False},
+    "filter": {"min_score": 0.5, "min_stability": 0.9, "min_flip_iou": None, "min_area": 16, "max_area": None,
+               "duplicate_iou": 0.7, "class_rules": {}, "target_precision": None, "tune": "min_score"},
+    "train": {"steps": 300, "batch_size": 8, "pseudo_ratio": 0.5, "learning_rate": None, "workers": 1,
+              "gpus_per_worker": 0.0, "seed": 0},
+    "promote": {"tolerance": 0.0},
+}
+PATHS = ("out", "start", "labeled", "labeled_images", "unlabeled", "heldout", "heldout_images", "audit")
+
+
+def load_job(path: str) -> dict:
+    """The job file, checked against schemas/engine-job.json (one line naming the first bad key), with the
+    defaults filled in and local relative paths made relative to the job file's folder."""
+    import jsonschema
+    import yaml
+
+    from pipeline.io.fs import read_bytes
+
+    try:
+        job = yaml.safe_load(read_bytes(path))
+    except yaml.YAMLError as error:
+        raise SegpipeError(f"{path}: not YAML ({str(error).splitlines()[0]})") from None
+    schema = json.loads(resources.files("pipeline.schemas").joinpath("engine-job.json").read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(job), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        where = ".".join(str(p) for p in error.absolute_path)
+        if error.validator == "additionalProperties":
+            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            raise SegpipeError(f"{path}: unknown key {'.'.join(filter(None, [where, unknown[0]]))!r}; known: "
+                               f"{', '.join(error.schema.get('properties', {}))}")
+        raise SegpipeError(f"{path}: {where or 'the job'}: {error.message}")
+    base = Path(path).parent if "://" not in path else None
+    for key in PATHS:
+        if key in job and base is not None and "://" not in job[key] and not Path(job[key]).is_absolute():
+            job[key] = str((base / job[key]).resolve())
+    return {**job, **{section: {**values, **job.get(section, {})} for section, values in DEFAULTS.items()}}
+
+
+def check_job(job: dict) -> None:
+    """Everything a round needs, checked before any work: the pools, their images, the starting model."""
+    from pipeline.io.shards import list_shards
+    from pipeline.models.base import read_checkpoint
+    from pipeline.train.data import check_images, load_dataset
+
+    for key in ("labeled", "heldout"):
+        dataset = load_dataset(job[key], job.get(f"{key}_images"))
+        if dataset.kind != "panoptic":
+            raise SegpipeError(f"{job[key]}: {key}: the engine grows panoptic labels; give a COCO panoptic file")
+        check_images(dataset)
+    try:
+        shards = list_shards(job["unlabeled"])
+    except SegpipeError as error:
+        raise SegpipeError(f"unlabeled: {error}") from None
+    if not any(shard.members or shard.kind != "folder" for shard in shards):
+        raise SegpipeError(f"{job['unlabeled']}: the unlabeled pool holds no images")
+    read_checkpoint(job["start"], job["model"])
+    if job.get("audit"):
+        from pipeline.filtering import read_audit
+
+        read_audit(job["audit"])
+
+
+def run(job: dict, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
+    """All of the job's rounds (resuming what OUT holds); returns the manifests, round 0 first."""
+    out = job["out"].rstrip("/")
+    _claim(out, job)
+    manifests = [_baseline(job, out, progress)]
+    for number in range(1, job["rounds"] + 1):
+        manifests.append(_round(job, out, number, manifests[-1], progress))
+    return manifests
+
+
+def status(out: str) -> list[dict]:
+    """The manifests OUT holds, round 0 first."""
+    manifests = []
+    for number in range(0, 10_000):
+        uri = join(out, f"round-{number}", "manifest.json")
+        if not url_to_fs(uri)[0].exists(url_to_fs(uri)[1]):
+            break
+        manifests.append(read_json(uri))
+    if not manifests:
+        raise SegpipeError(f"{out}: holds no engine rounds")
+    return manifests
+
+
+def _claim(out: str, job: dict) -> None:
+    uri = join(out, "engine.json")
+    fs, path = url_to_fs(uri)
+    if fs.exists(path):
+        if read_json(uri) != json.loads(json.dumps(job)):
+            raise SegpipeError(f"{out}: holds another engine job; use another out, or delete it to start over")
+        return
+    write_json(uri, job)
+
+
+def _baseline(job: dict, out: str, progress: Callable[[str], None]) -> dict:
+    uri = join(out, "round-0", "manifest.json")
+    if url_to_fs(uri)[0].exists(url_to_fs(uri)[1]):
+        return read_json(uri)
+    progress("round 0: the starting model on the held-out set")
+    heldout = _heldout(job, job["start"], join(out, "round-0", "heldout"))
+    manifest = {"round": 0, "model": job["start"], "heldout": heldout, "promoted": True, "current": job["start"]}
+    write_json(uri, manifest)
+    return manifest
+
+
+def _round(job: dict, out: str, number: int, previous: dict, progress: Callable[[str], None]) -> dict:
+    folder = join(out, f"round-{number}")
+    uri = join(folder, "manifest.json")
+    fs, path = url_to_fs(uri)
+    manifest = read_json(uri) if fs.exists(path) else {"round": number, "model_in": previous["current"],
+                                                       "bar": previous["heldout"]["pq"] if previous["promoted"]
+                                                       else previous["bar"], "stages": {}}
+    current = manifest["model_in"]
+    for stage in STAGES:
+        if manifest["stages"].get(stage, {}).get("state") == "done":
+            continue
+        progress(f"round {number}: {stage}")
+        start = time.perf_counter()
+        manifest.update(_STAGE[stage](job, folder, current, manifest))
+        manifest["stages"][stage] = {"state": "done", "seconds": round(time.perf_counter() - start, 1)}
+        write_json(uri, manifest)
+    return manifest
+
+
+def _annotate(job: dict, folder: str, current: str, manifest: dict) -> dict:
+    from pipeline.infer import InferConfig
+    from pipeline.infer import run as infer
+    from pipeline.models import ModelSettings
+    from pipeline.models.base import with_checkpoint_settings
+
+    settings = with_checkpoint_settings(ModelSettings(weights=current), job["model"], {})
+    options = job["infer"]
+    summary = infer(InferConfig(input=job["unlabeled"], out=join(folder, "infer"), model=job["model"], settings=settings,
+                                batch_size=options["batch_size"], actors=options["actors"],
+                                gpus_per_actor=options["gpus_per_actor"], flip_check=options["flip_check"],
+                                address=job.get("address")))
+    return {"annotated": {"images": summary.images, "segments": summary.segments, "failed": summary.failed}}
+
+
+def _filter(job: dict, folder: str, current: str, manifest: dict) -> dict:
+    from pipeline.filtering import FilterRules, Thresholds
+    from pipeline.filtering import run as filter_run
+
+    options = job["filter"]
+    thresholds = Thresholds(options["min_score"], options["min_stability"], options["min_flip_iou"],
+                            options["min_area"], options["max_area"])
+    per_class = (FilterRules.parse_per_class(json.dumps(options["class_rules"]), thresholds)
+                 if options["class_rules"] else {})
+    rules = FilterRules(thresholds, per_class, options["duplicate_iou"])
+    target = (options["tune"], options["target_precision"]) if options["target_precision"] is not None else None
+    summary = filter_run(join(folder, "infer"), join(folder, "filter"), rules, job.get("audit"), target)
+    kept = summary.get("audit", {}).get("kept", {})
+    return {"filter": {"candidates": summary["candidates"], "kept": summary["kept"], "rejected": summary["rejected"],
+                       "audit_precision": kept.get("precision"), "audit_recall": kept.get("recall"),
+                       "audit_per_rule": {rule: figures["precision"] for rule, figures in
+                                          summary.get("audit", {}).get("per_rule", {}).items()}}}
+
+
+def _retrain(job: dict, folder: str, current: str, manifest: dict) -> dict:
+    from pipeline.train import TrainConfig
+    from pipeline.train import run as train
+
+    options = job["train"]
+    out = join(folder, "train")
+    resume = url_to_fs(join(out, "train.json"))[0].exists(url_to_fs(join(out, "train.json"))[1])
+    if manifest["filter"]["kept"] == 0:
+        raise SegpipeError(f"{folder}: the filter kept no pseudo-label; loosen its rules")
+    result = train(TrainConfig(train=job["labeled"], val=job["heldout"], model=job["model"], out=out, init=current,
+                               train_images=job.get("labeled_images"), val_images=job.get("heldout_images"),
+                               pseudo=(join(folder, "filter"),), pseudo_ratio=options["pseudo_ratio"],
+                               steps=options["steps"], batch_size=options["batch_size"],
+                               learning_rate=options["learning_rate"], workers=options["workers"],
+                               gpus_per_worker=options["gpus_per_worker"], seed=options["seed"], resume=resume,
+                               address=job.get("address")))
+    return {"trained": {"model": result.model, "steps": result.steps, "fingerprint": _fingerprint(result.model)}}
+
+
+def _evaluate(job: dict, folder: str, current: str, manifest: dict) -> dict:
+    return {"heldout": _heldout(job, manifest["trained"]["model"], join(folder, "heldout"))}
+
+
+def _promote(job: dict, folder: str, current: str, manifest: dict) -> dict:
+    promoted = manifest["heldout"]["pq"] >= manifest["bar"] - job["promote"]["tolerance"]
+    return {"promoted": promoted, "current": manifest["trained"]["model"] if promoted else current}
+
+
+_STAGE = {"annotate": _annotate, "filter": _filter, "retrain": _retrain, "evaluate": _evaluate, "promote": _promote}
+
+
+def _heldout(job: dict, model: str, out: str) -> dict:
+    """PQ of `model` on the held-out set: `segpipe infer` with its validated settings, then `segpipe eval pq`."""
+    from pipeline.evaluate.pq import evaluate_pq
+    from pipeline.infer import InferConfig
+    from pipeline.infer import run as infer
+    from pipeline.models import ModelSettings
+    from pipeline.models.base import with_checkpoint_settings
+    from pipeline.train.data import load_dataset
+
+    images = load_dataset(job["heldout"], job.get("heldout_images")).images
+    settings = with_checkpoint_settings(ModelSettings(weights=model), job["model"], {})
+    infer(InferConfig(input=images, out=out, model=job["model"], settings=settings, image_info=job["heldout"],
+                      batch_size=job["infer"]["batch_size"], actors=job["infer"]["actors"],
+                      gpus_per_actor=job["infer"]["gpus_per_actor"], address=job.get("address")))
+    result = evaluate_pq(job["heldout"], join(out, "panoptic_pred.json"), drop_unknown_categories=True)
+    return {"pq": result["All"]["pq"], "sq": result["All"]["sq"], "rq": result["All"]["rq"],
+            "pq_things": result["Things"]["pq"], "pq_stuff": result["Stuff"]["pq"], "model": model,
+            "fingerprint": _fingerprint(model)}
+
+
+def _fingerprint(uri: str) -> str:
+    from pipeline.io.fs import read_bytes
+
+    return hashlib.sha256(read_bytes(uri)).hexdigest()[:16]
+
+
+def table(manifests: list[dict]) -> str:
+    """The rounds as `segpipe engine status` prints them."""
+    lines = [f"{'round':>5} {'candidates':>10} {'kept':>6} {'audit P':>7} {'held-out PQ':>11} {'promoted':>8}"]
+    for m in manifests:
+        f = m.get("filter", {})
+        precision = f.get("audit_precision")
+        pq = m.get("heldout", {}).get("pq")
+        lines.append(f"{m['round']:>5} {f.get('candidates', '-'):>10} {f.get('kept', '-'):>6} "
+                     f"{'-' if precision is None else f'{precision:.3f}':>7} {'-' if pq is None else f'{pq:.4f}':>11} "
+                     f"{('yes' if m['promoted'] else 'no') if 'promoted' in m else 'running':>8}")
+    return "\n".join(lines)
