@@ -108,8 +108,7 @@ def _duplicates(prediction: ImagePrediction, verdicts: list, threshold: float) -
     if len(alive) < 2:
         return
     order = sorted(alive, key=lambda k: -prediction.segments[k].score)  # stable: ties keep table order
-    rles = [{"size": [prediction.height, prediction.width], "counts": prediction.segments[k].rle.counts.encode("ascii")}
-            for k in order]
+    rles = [prediction.segments[k].rle.encoded() for k in order]
     iou = mask_utils.iou(rles, rles, [0] * len(rles))
     kept: list[int] = []
     for i, k in enumerate(order):
@@ -223,7 +222,7 @@ def read_audit(uri: str) -> dict[int, AuditImage]:
         per_image.setdefault(annotation["image_id"], []).append(annotation)
     for image_id, annotations in per_image.items():
         height, width = images[image_id]["height"], images[image_id]["width"]
-        rles = tuple(Rle.from_coco(a["segmentation"], height, width)._encoded() for a in annotations)
+        rles = tuple(Rle.from_coco(a["segmentation"], height, width).encoded() for a in annotations)
         found[image_id] = AuditImage(height, width, tuple(a["category_id"] for a in annotations), rles,
                                      tuple(bool(a.get("iscrowd", 0)) for a in annotations))
     return found
@@ -233,8 +232,7 @@ def _hits(prediction: ImagePrediction, label: AuditImage) -> np.ndarray:
     """Candidates x labelled non-crowd segments: same category and mask IoU above IOU_MATCH."""
     from pycocotools import mask as mask_utils
 
-    own = [{"size": [prediction.height, prediction.width], "counts": s.rle.counts.encode("ascii")}
-           for s in prediction.segments]
+    own = [s.rle.encoded() for s in prediction.segments]
     usable = [k for k, crowd in enumerate(label.crowd) if not crowd]
     iou = (mask_utils.iou(own, [label.rles[k] for k in usable], [0] * len(usable)) if own and usable
            else np.zeros((len(own), len(usable))))

@@ -79,7 +79,7 @@ def flip_agreement(prediction: ImagePrediction, flipped: ImagePrediction) -> lis
         return [0.0] * len(prediction.segments)
     mirrored = [mask_utils.encode(np.asfortranarray(s.rle.to_mask()[:, ::-1].astype(np.uint8)))
                 for s in flipped.segments]
-    own = [{"size": [s.rle.height, s.rle.width], "counts": s.rle.counts.encode("ascii")} for s in prediction.segments]
+    own = [s.rle.encoded() for s in prediction.segments]
     iou = mask_utils.iou(own, mirrored, [0] * len(mirrored))
     same = (np.array([s.category_id for s in prediction.segments])[:, None]
             == np.array([s.category_id for s in flipped.segments])[None, :])

@@ -57,19 +57,20 @@ class Rle:
         """The COCO form, `{"size": [h, w], "counts": str}`, as result files carry it."""
         return {"size": [self.height, self.width], "counts": self.counts}
 
-    def _encoded(self) -> dict:
+    def encoded(self) -> dict:
+        """The form pycocotools' mask functions take (counts as bytes)."""
         return {"size": [self.height, self.width], "counts": self.counts.encode("ascii")}
 
     def to_mask(self) -> np.ndarray:
         """Decode to a boolean array of shape (height, width)."""
-        return mask_utils.decode(self._encoded()).astype(bool)
+        return mask_utils.decode(self.encoded()).astype(bool)
 
     def area(self) -> int:
-        return int(mask_utils.area(self._encoded()))
+        return int(mask_utils.area(self.encoded()))
 
     def bbox(self) -> tuple[float, float, float, float]:
         """Tight box `[x, y, w, h]` of the mask; zeros for an empty mask (as pycocotools)."""
-        return tuple(float(v) for v in mask_utils.toBbox(self._encoded()))
+        return tuple(float(v) for v in mask_utils.toBbox(self.encoded()))
 
 
 @dataclass(frozen=True)
