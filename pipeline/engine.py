@@ -12,7 +12,6 @@ each finished stage, its outputs and numbers; a rerun skips finished stages and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from pipeline.errors import SegpipeError
 from pipeline.io.fs import join, read_json, url_to_fs, write_json
+from pipeline.models.base import fingerprint
 
 STAGES = ("annotate", "filter", "retrain", "evaluate", "promote")
 DEFAULTS = {
@@ -200,7 +200,8 @@ def _retrain(job: dict, folder: str, current: str, manifest: dict) -> dict:
                                learning_rate=options["learning_rate"], workers=options["workers"],
                                gpus_per_worker=options["gpus_per_worker"], seed=options["seed"], resume=resume,
                                address=job.get("address")))
-    return {"trained": {"model": result.model, "steps": result.steps, "fingerprint": _fingerprint(result.model)}}
+    return {"trained": {"model": result.model, "steps": result.steps,
+                        "fingerprint": fingerprint(result.model, job["model"])}}
 
 
 def _evaluate(job: dict, folder: str, current: str, manifest: dict) -> dict:
@@ -232,13 +233,7 @@ def _heldout(job: dict, model: str, out: str) -> dict:
     result = evaluate_pq(job["heldout"], join(out, "panoptic_pred.json"), drop_unknown_categories=True)
     return {"pq": result["All"]["pq"], "sq": result["All"]["sq"], "rq": result["All"]["rq"],
             "pq_things": result["Things"]["pq"], "pq_stuff": result["Stuff"]["pq"], "model": model,
-            "fingerprint": _fingerprint(model)}
-
-
-def _fingerprint(uri: str) -> str:
-    from pipeline.io.fs import read_bytes
-
-    return hashlib.sha256(read_bytes(uri)).hexdigest()[:16]
+            "fingerprint": fingerprint(model, job["model"])}
 
 
 def table(manifests: list[dict]) -> str:

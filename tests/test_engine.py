@@ -1,6 +1,11 @@
-"""`segpipe engine`: a job's rounds on a real local Ray cluster, manifests, resuming a round, bad job specs."""
+"""`segpipe engine`: a job's rounds on a real local Ray cluster, manifests, resuming a round, a run killed
+during retrain, bad job specs."""
 
 import json
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -101,3 +106,51 @@ def test_the_example_job_is_a_valid_job():
 
     spec = load_job(str(Path(__file__).parent.parent / "jobs" / "engine.yaml"))
     assert spec["rounds"] == 2 and spec["train"]["pseudo_ratio"] == 0.5 and spec["out"].endswith("engine-out")
+
+
+def test_an_engine_killed_during_retrain_resumes_there_and_ends_as_an_unbroken_one(job, tmp_path, kill_session):
+    """SIGKILL to every process of the engine's session (driver, Ray's daemons, the training worker) once
+    retraining has checkpointed; the rerun resumes at retrain, from training's last checkpoint, and every
+    manifest and model is what an unbroken run in the same place wrote (weights bit for bit)."""
+    spec = yaml.safe_load(job.read_text())
+    job.write_text(yaml.safe_dump({**spec, "rounds": 1, "train": {**spec["train"], "steps": 20}}))  # checkpoints every 4
+    command = [sys.executable, "-m", "pipeline", "engine", "run", str(job)]
+    out = tmp_path / "rounds"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shutil.move(out, tmp_path / "unbroken")
+
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    snapshot = out / "round-1" / "train" / "checkpoints" / "checkpoint_manager_snapshot.json"
+
+    def latest() -> int:
+        try:
+            return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"]
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return 0
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and process.poll() is None and latest() < 8:
+        time.sleep(0.2)
+    assert process.poll() is None, "the engine ended before it could be killed"
+    assert kill_session(process.pid) >= 4
+    process.wait()
+    stages, saved = json.loads((out / "round-1" / "manifest.json").read_text())["stages"], latest()
+    assert list(stages) == ["annotate", "filter"] and 8 <= saved < 20  # killed inside retrain
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    said = again.stdout + again.stderr
+    assert "round 1: retrain" in said and "round 1: filter" not in said and "round 0" not in said
+    assert f"resumed at step {saved} of 20" in said
+
+    def outcome(root):
+        manifests = [json.loads((root / f"round-{r}" / "manifest.json").read_text()) for r in (0, 1)]
+        for manifest in manifests:  # everything but the stages' wall-clock seconds
+            manifest["stages"] = {k: v["state"] for k, v in manifest.get("stages", {}).items()}
+        weights = torch.load(root / "round-1" / "train" / "model.pt", weights_only=True)
+        return manifests, weights, (root / "round-1" / "train" / "metrics.json").read_text()
+    resumed, unbroken = outcome(out), outcome(tmp_path / "unbroken")
+    assert resumed[0] == unbroken[0]  # incl. the trained model's fingerprint (its weights) and held-out PQ
+    assert resumed[0][1]["stages"] == dict.fromkeys(["annotate", "filter", "retrain", "evaluate", "promote"], "done")
+    assert resumed[2] == unbroken[2]
+    assert resumed[1].keys() == unbroken[1].keys()
+    assert all(torch.equal(resumed[1]["model"][k], unbroken[1]["model"][k]) for k in unbroken[1]["model"])

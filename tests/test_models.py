@@ -163,3 +163,23 @@ def test_a_training_checkpoint_brings_the_settings_it_was_validated_with(tmp_pat
     bare = with_checkpoint_settings(ModelSettings(weights=str(tmp_path / "bare.pt")), "segpipe_small", {"min_size": 300})
     assert bare == ModelSettings(weights=str(tmp_path / "bare.pt"), min_size=300)
     assert with_checkpoint_settings(ModelSettings(random_weights=True), "segpipe_small", {}) == ModelSettings(random_weights=True)
+
+
+def test_a_fingerprint_names_the_weights_not_the_file(tmp_path):
+    """torch.save writes a fresh serialization id each time: equal models, unequal files, one fingerprint."""
+    from pipeline.models.base import fingerprint
+    from pipeline.synth import categories
+
+    model = load_model("segpipe_small", ModelSettings(random_weights=True, categories=tuple(categories())))
+    checkpoint = {"model": model.module.state_dict(), "categories": list(model.categories), "step": 3}
+    torch.save(checkpoint, tmp_path / "a.pt")
+    torch.save({**checkpoint, "step": 3}, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() != (tmp_path / "b.pt").read_bytes()
+    first = fingerprint(str(tmp_path / "a.pt"), "segpipe_small")
+    assert len(first) == 16 and fingerprint(str(tmp_path / "b.pt"), "segpipe_small") == first
+    name, tensor = next((k, v) for k, v in checkpoint["model"].items() if v.is_floating_point())
+    nudged = tensor.clone()
+    nudged.view(-1)[0] = torch.nextafter(nudged.view(-1)[0], torch.tensor(float("inf")))  # one ulp, one weight
+    torch.save({**checkpoint, "model": {**checkpoint["model"], name: nudged}}, tmp_path / "c.pt")
+    torch.save({**checkpoint, "categories": checkpoint["categories"][:-1]}, tmp_path / "d.pt")
+    assert len({first, *(fingerprint(str(tmp_path / f), "segpipe_small") for f in ("c.pt", "d.pt"))}) == 3

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.errors import SegpipeError
 from pipeline.evaluate.pq import evaluate_pq
 from pipeline.models import ModelSettings, load_model
 from pipeline.train import TrainConfig, run
@@ -87,6 +88,13 @@ def test_the_checkpoint_labels_with_segpipe_infer_and_scores_what_validation_sai
     assert checkpoint["data"]["train"] == identity["train"]["fingerprint"]
     assert checkpoint["data"]["pseudo"] == [identity["pseudo"][0]["fingerprint"]] and identity["pseudo_ratio"] == 0.5
     assert identity["pseudo"][0]["images"] == str(dataset / "val")  # the infer run's input
+    # Mask R-CNN's losses take whatever no box covers as background: the objects a pseudo-label set leaves out
+    # would be taught as background, so it is refused (one line, before anything is written).
+    instances = str(dataset / "annotations" / "instances_val.json")
+    with pytest.raises(SegpipeError, match="would learn the objects they leave out .* as background"):
+        run(TrainConfig(train=instances, val=instances, pseudo=(str(labels),), model="maskrcnn_resnet50_fpn",
+                        out=str(tmp_path / "mask-rcnn"), steps=1, batch_size=2))
+    assert not (tmp_path / "mask-rcnn").exists()
 
 
 def test_mask_rcnn_fine_tunes_from_a_users_checkpoint(cluster, dataset, tmp_path):

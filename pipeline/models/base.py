@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +113,23 @@ def read_checkpoint(uri: str, architecture: str) -> dict:
     if isinstance(checkpoint.get("model"), dict):
         return checkpoint  # a training checkpoint: weights under "model", metadata beside them
     return {"model": checkpoint}
+
+
+def fingerprint(uri: str, architecture: str) -> str:
+    """What a checkpoint holds, as 16 hex digits: sha256 over its weights (name, dtype, shape, bytes, in name
+    order) and categories. The file's own bytes would not do: torch.save writes a fresh serialization id
+    each time, and pickles equal metadata differently, so equal models would not compare equal."""
+    import torch
+
+    checkpoint = read_checkpoint(uri, architecture)
+    digest = hashlib.sha256(json.dumps(checkpoint.get("categories"), sort_keys=True).encode())
+    for name, tensor in sorted(checkpoint["model"].items()):
+        if isinstance(tensor, torch.Tensor):
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{name} {tensor!r}".encode())
+    return digest.hexdigest()[:16]
 
 
 def build_module(factory: Callable[[], torch.nn.Module], settings: ModelSettings, architecture: str,

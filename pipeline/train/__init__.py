@@ -105,6 +105,10 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
                        categories=tuple(train.categories) if config.init is None else None)
     adapter = load_model(config.model, settings)  # an unreadable or unfitting --init fails here, before Ray
     objective = objective_for(adapter)
+    for dataset in (train, *pseudo):
+        if dataset.kind == "predictions" and not objective.ignores_unlabelled:
+            raise SegpipeError(f"{dataset.uri}: pseudo-labels; {config.model} would learn the objects they leave out "
+                               "(rejected or missed) as background: train segpipe_small on them, or give human labels")
     for dataset in (train, val, *pseudo):
         check_categories(dataset, adapter.categories, f"{config.model}" + (f" (from {config.init})" if config.init else ""),
                          objective.things_only)

@@ -19,6 +19,9 @@ class Objective(ABC):
 
     things_only: bool
     """True when the model learns thing categories only (stuff labels are ignored)."""
+    ignores_unlabelled: bool
+    """True when pixels no segment covers are ignored by the loss (VOID), so partial labels (pseudo-labels,
+    whose rejected segments are left out) are never taught as background."""
     learning_rate: float
     """Default peak learning rate at a batch of 8."""
 
@@ -43,6 +46,7 @@ class BottomUpObjective(Objective):
     VOID ignored), mean squared error on the centre heatmap, L1 on the offsets of thing pixels."""
 
     things_only = False
+    ignores_unlabelled = True
     learning_rate = 2e-3
     centre_weight = 200.0
     offset_weight = 0.01
@@ -85,6 +89,7 @@ class MaskRCNNObjective(Objective):
     """torchvision Mask R-CNN: its own losses (RPN, box, mask) from non-crowd thing instances; crowds unused."""
 
     things_only = True
+    ignores_unlabelled = False  # torchvision's losses take every unmatched anchor and proposal as background
     learning_rate = 0.005  # torchvision's reference recipe: 0.02 at a batch of 16, scaled to 8 and fine-tuning
 
     def __init__(self, adapter: Model) -> None:

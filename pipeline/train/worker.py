@@ -142,6 +142,9 @@ def train_loop(plan: Plan) -> None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(plan, step)
         samples = _batch(plan, pool, encoded, step, rank, world)
+        # What the model draws (Mask R-CNN samples anchors and proposals) is seeded by the step, so a resumed
+        # run draws what the unbroken one did.
+        torch.manual_seed(int(np.random.SeedSequence([plan.seed, step, rank]).generate_state(1)[0]))
         loss, parts = objective.loss(module, samples)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
