@@ -14,6 +14,7 @@ from pipeline import synth as synth_stage
 from pipeline import validate as validate_stage
 from pipeline.errors import SegpipeError
 from pipeline.io.fs import write_json
+from pipeline.models import MODELS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Label, convert and evaluate segmentation datasets at scale.")
@@ -132,7 +133,7 @@ def convert(
 @_user_errors
 def infer(
     input: Annotated[str, typer.Option(help="Images: a folder, tar shards or Parquet files with image bytes (any fsspec URI or glob).")],
-    model: Annotated[str, typer.Option(help="Model name: segpipe_small, maskrcnn_resnet50_fpn(_v2), panoptic_maskrcnn_deeplabv3.")],
+    model: Annotated[str, typer.Option(help=f"Model name: {', '.join(MODELS)}.")],
     out: Annotated[str, typer.Option(help="Output folder (any fsspec URI); a rerun into it resumes.")],
     weights: Annotated[Optional[str], typer.Option(help="Checkpoint (state dict) at a path or URI; never downloaded.")] = None,
     random_weights: Annotated[bool, typer.Option(help="Random initialisation instead of --weights (smoke runs, benchmarks).")] = False,
@@ -264,7 +265,7 @@ def _figure(value: float | None) -> str:
 def train(
     train: Annotated[str, typer.Option(help="Training labels: COCO panoptic or instances JSON, or a `segpipe infer` output folder (pseudo-labels).")],
     val: Annotated[str, typer.Option(help="Validation labels, in the same forms; PQ and AP are measured on them.")],
-    model: Annotated[str, typer.Option(help="segpipe_small (from scratch or --init), maskrcnn_resnet50_fpn(_v2) (fine-tuned from --init).")],
+    model: Annotated[str, typer.Option(help=f"Model name: {', '.join(MODELS)} (from a seeded random start, or from --init; a family segpipe cannot train says so).")],
     out: Annotated[str, typer.Option(help="Output folder (any fsspec URI): checkpoints/, model.pt, metrics.json, train.json.")],
     init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint (path or URI); default: random initialisation.")] = None,
     train_images: Annotated[Optional[str], typer.Option(help="Images of --train (default: COCO layout, ROOT/SPLIT beside ROOT/annotations/; an infer folder's input).")] = None,
@@ -427,7 +428,7 @@ def bench_infer(
     data: Annotated[str, typer.Option(help="Folder for the synthetic shards (made once, then reused).")] = "bench-infer-data",
     images: Annotated[int, typer.Option(min=1, help="Images.")] = 1024,
     size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "256x256",
-    model: Annotated[str, typer.Option(help="Model.")] = "segpipe_small",
+    model: Annotated[str, typer.Option(help=f"Model name: {', '.join(MODELS)}.")] = "segpipe_small",
     weights: Annotated[Optional[str], typer.Option(help="Checkpoint to measure with (default: random weights, seed 0).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 8,
     threads: Annotated[int, typer.Option(min=1, help="torch threads of the raw model (the pipeline's actor gets as many CPUs).")] = 1,

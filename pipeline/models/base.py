@@ -8,7 +8,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -46,15 +46,42 @@ class ModelSettings:
     """The dataset's categories (COCO dicts with id, name, isthing) for models that take them."""
 
 
-class Model(ABC):
-    """An adapter: `forward` on the model's device, `postprocess` anywhere; `predict` chains them."""
+INSTANCE, PANOPTIC, PROPOSALS = "instance", "panoptic", "proposals"
+"""What a model family gives: scored instance masks that may overlap (COCO results); a panoptic map
+(segments never overlap, things and stuff); class-agnostic mask proposals (SA-1B style, one "object" class)."""
 
+
+class Model(ABC):
+    """An adapter: `forward` on the model's device, `postprocess` anywhere; `predict` chains them.
+
+    A family is one file: its adapter class declares what it is (`kind`, `objective`), how to build it for
+    one of its names (`build`) and what categories it emits without building it (`describe`); the registry
+    (`pipeline.models.MODELS`) maps each name to the class."""
+
+    kind: ClassVar[str]
+    """INSTANCE, PANOPTIC or PROPOSALS."""
+    objective: ClassVar[str | None] = None
+    """"module:Class" of its training objective (pipeline.train.objectives); None: `segpipe train` cannot train it."""
     name: str
     categories: list[dict]
     """COCO category dicts (id, name, supercategory, isthing) of every id the model emits."""
-    panoptic: bool
-    """True when segments never overlap (a panoptic PNG can be written)."""
     postprocess: Postprocess
+
+    @property
+    def panoptic(self) -> bool:
+        """True when segments never overlap (a panoptic PNG can be written)."""
+        return self.kind == PANOPTIC
+
+    @classmethod
+    @abstractmethod
+    def build(cls, name: str, settings: ModelSettings) -> Model:
+        """The model `name` (one of the family's registry names) with its weights."""
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, name: str, settings: ModelSettings) -> list[dict]:
+        """The categories `build(name, settings)` would emit, without building it or loading its weights
+        (a run's driver needs them; reading a checkpoint's metadata is allowed)."""
 
     @abstractmethod
     def forward(self, images: list[np.ndarray]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 
-from pipeline.models.base import Model, ModelSettings, build_module, to_tensors
+from pipeline.models.base import INSTANCE, Model, ModelSettings, build_module, to_tensors
 from pipeline.models.outputs import COCO_THING_IDS, InstancePostprocess, pack_masks, thing_categories
 from pipeline.signals import mask_stability
 
@@ -28,7 +28,9 @@ def detections(out: dict[str, torch.Tensor], settings: ModelSettings, valid: tor
 class MaskRCNN(Model):
     """A torchvision Mask R-CNN; its labels are COCO category ids (the 91-index, 80 used)."""
 
-    panoptic = False
+    kind = INSTANCE
+    objective = "pipeline.train.objectives:MaskRCNNObjective"
+    BUILDERS = {"maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn, "maskrcnn_resnet50_fpn_v2": maskrcnn_resnet50_fpn_v2}
 
     def __init__(self, name: str, module: torch.nn.Module, settings: ModelSettings) -> None:
         self.name = name
@@ -44,17 +46,14 @@ class MaskRCNN(Model):
         return [detections(out, self.settings, self._valid, *image.shape[:2], self.settings.mask_threshold)
                 for image, out in zip(images, outputs)]
 
+    @classmethod
+    def build(cls, name: str, settings: ModelSettings) -> MaskRCNN:
+        # weights_backbone=None: torchvision would otherwise download ImageNet weights.
+        module = build_module(lambda: cls.BUILDERS[name](weights=None, weights_backbone=None, num_classes=91,
+                                                         min_size=settings.min_size, max_size=settings.max_size),
+                              settings, name)
+        return cls(name, module, settings)
 
-def _build(name: str, builder, settings: ModelSettings) -> MaskRCNN:
-    # weights_backbone=None: torchvision would otherwise download ImageNet weights.
-    module = build_module(lambda: builder(weights=None, weights_backbone=None, num_classes=91,
-                                          min_size=settings.min_size, max_size=settings.max_size), settings, name)
-    return MaskRCNN(name, module, settings)
-
-
-def build_maskrcnn(settings: ModelSettings) -> MaskRCNN:
-    return _build("maskrcnn_resnet50_fpn", maskrcnn_resnet50_fpn, settings)
-
-
-def build_maskrcnn_v2(settings: ModelSettings) -> MaskRCNN:
-    return _build("maskrcnn_resnet50_fpn_v2", maskrcnn_resnet50_fpn_v2, settings)
+    @classmethod
+    def describe(cls, name: str, settings: ModelSettings) -> list[dict]:
+        return thing_categories()

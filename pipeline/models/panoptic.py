@@ -9,7 +9,7 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.segmentation import deeplabv3_resnet50
 
-from pipeline.models.base import Model, ModelSettings, build_module, to_tensors
+from pipeline.models.base import PANOPTIC, Model, ModelSettings, build_module, to_tensors
 from pipeline.models.maskrcnn import detections
 from pipeline.models.outputs import COCO_THING_IDS, STUFF_IDS, FusionPostprocess, pack_masks, panoptic_categories
 from pipeline.signals import soft_cuts
@@ -23,8 +23,8 @@ class PanopticModel(Model):
     The weights are one state dict with `instance.*` and `semantic.*` keys (a torch.nn.ModuleDict).
     """
 
+    kind = PANOPTIC
     name = "panoptic_maskrcnn_deeplabv3"
-    panoptic = True
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
@@ -57,6 +57,10 @@ class PanopticModel(Model):
             raws.append(raw)
         return raws
 
+    @classmethod
+    def build(cls, name: str, settings: ModelSettings) -> PanopticModel:
+        return cls(settings)
 
-def build_panoptic(settings: ModelSettings) -> PanopticModel:
-    return PanopticModel(settings)
+    @classmethod
+    def describe(cls, name: str, settings: ModelSettings) -> list[dict]:
+        return panoptic_categories()

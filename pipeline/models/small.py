@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.categories import coco_panoptic_categories
 from pipeline.errors import SegpipeError
-from pipeline.models.base import Model, ModelSettings, build_module, read_checkpoint, to_tensors
+from pipeline.models.base import PANOPTIC, Model, ModelSettings, build_module, read_checkpoint, to_tensors
 from pipeline.models.outputs import STRIDE, BottomUpPostprocess, pack_masks
 from pipeline.signals import soft_cuts
 
@@ -73,8 +73,9 @@ def categories_of(settings: ModelSettings, checkpoint: dict | None) -> list[dict
 class SmallPanoptic(Model):
     """The built-in model: `SmallPanopticNet` + `BottomUpPostprocess`, over the dataset's categories."""
 
+    kind = PANOPTIC
+    objective = "pipeline.train.objectives:BottomUpObjective"
     name = NAME
-    panoptic = True
 
     def __init__(self, settings: ModelSettings) -> None:
         checkpoint = read_checkpoint(settings.weights, NAME) if settings.weights else None
@@ -121,6 +122,10 @@ class SmallPanoptic(Model):
                          "cuts": pack_masks(soft_cuts(probability[i, :h, :w]))})
         return raws
 
+    @classmethod
+    def build(cls, name: str, settings: ModelSettings) -> SmallPanoptic:
+        return cls(settings)
 
-def build_small(settings: ModelSettings) -> SmallPanoptic:
-    return SmallPanoptic(settings)
+    @classmethod
+    def describe(cls, name: str, settings: ModelSettings) -> list[dict]:
+        return categories_of(settings, read_checkpoint(settings.weights, NAME) if settings.weights else None)

@@ -15,7 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.errors import SegpipeError
 from pipeline.fusion import FusionConfig
 from pipeline.io.fs import absolute, join, read_json, url_to_fs, write_bytes, write_json
-from pipeline.models import check_model_name
+from pipeline.models import PANOPTIC, check_model_name, family
 from pipeline.models.base import ModelSettings
 from pipeline.train.data import check_categories, check_images, load_dataset
 from pipeline.train.worker import MODEL_FILE, Plan
@@ -98,8 +98,8 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
     for dataset in (train, val, *pseudo):
         check_images(dataset)
     for dataset in (train, *pseudo):
-        if config.model == "segpipe_small" and dataset.kind == "instances":
-            raise SegpipeError(f"{dataset.uri}: COCO instances labels; segpipe_small learns panoptic labels (things "
+        if family(config.model).kind == PANOPTIC and dataset.kind == "instances":
+            raise SegpipeError(f"{dataset.uri}: COCO instances labels; {config.model} learns panoptic labels (things "
                                "and stuff): give a COCO panoptic file or a panoptic model's predictions")
     settings = replace(config.settings, weights=config.init, random_weights=config.init is None, seed=config.seed,
                        categories=tuple(train.categories) if config.init is None else None)

@@ -129,12 +129,12 @@ class MaskRCNNObjective(Objective):
 
 
 def objective_for(adapter: Model) -> Objective:
-    from pipeline.models.maskrcnn import MaskRCNN
-    from pipeline.models.small import SmallPanoptic
+    """The training objective the adapter's family declares (`Model.objective`)."""
+    from importlib import import_module
 
-    if isinstance(adapter, SmallPanoptic):
-        return BottomUpObjective(adapter)
-    if isinstance(adapter, MaskRCNN):
-        return MaskRCNNObjective(adapter)
-    raise SegpipeError(f"{adapter.name}: cannot be trained by segpipe (trainable: segpipe_small, "
-                       "maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2)")
+    from pipeline.models import trainable
+
+    if adapter.objective is None:
+        raise SegpipeError(f"{adapter.name}: cannot be trained by segpipe (trainable: {', '.join(trainable())})")
+    module, attribute = adapter.objective.split(":")
+    return getattr(import_module(module), attribute)(adapter)
