@@ -88,6 +88,12 @@ class Segment:
     """How little the mask changes between a lower and a higher cut of the model's soft output (pipeline.signals)."""
     flip_iou: float | None = None
     """Best IoU with a same-category segment predicted on the mirrored image, mirrored back (pipeline.signals)."""
+    point_coords: tuple[tuple[float, float], ...] | None = None
+    """The point prompts ([x, y] pixels) that produced a class-agnostic proposal (SAM)."""
+    crop_box: tuple[float, float, float, float] | None = None
+    """The crop ([x, y, width, height]) a proposal was generated in (SAM)."""
+    class_agreement: float | None = None
+    """For a proposal given a class by a panoptic model: the share of its pixels that model gives the class."""
 
     @classmethod
     def from_rle(cls, id: int, category_id: int, rle: Rle, score: float = 1.0, iscrowd: bool = False,
@@ -236,8 +242,8 @@ def _opens(data: bytes) -> bool:
 # --- Arrow: one row per segment, schema from schemas/predictions.json ---------------------------
 
 PREDICTIONS_SCHEMA = arrow_schema("predictions")
-SIGNAL_COLUMNS = ("stability", "flip_iou", "touches_border")
-"""Columns since version 2 of the predictions table: a version 1 table reads with them null."""
+SIGNAL_COLUMNS = ("stability", "flip_iou", "touches_border", "point_coords", "crop_box", "class_agreement")
+"""Columns since versions 2 and 3 of the predictions table: an older table reads with them null."""
 
 
 def predictions_to_arrow(predictions: Iterable[ImagePrediction], run_id: str, model: str) -> pa.Table:
@@ -254,6 +260,9 @@ def predictions_to_arrow(predictions: Iterable[ImagePrediction], run_id: str, mo
                 ("score", s.score), ("iscrowd", s.iscrowd), ("area", s.area), ("bbox", list(s.bbox)),
                 ("rle", s.rle.counts), ("stability", s.stability), ("flip_iou", s.flip_iou),
                 ("touches_border", touches_border(s.bbox, prediction.height, prediction.width)),
+                ("point_coords", None if s.point_coords is None else [list(p) for p in s.point_coords]),
+                ("crop_box", None if s.crop_box is None else list(s.crop_box)),
+                ("class_agreement", s.class_agreement),
             ):
                 columns[name].append(value)
     return pa.Table.from_pydict(columns, schema=PREDICTIONS_SCHEMA)
@@ -266,6 +275,7 @@ def predictions_from_arrow(table: pa.Table | pa.RecordBatch) -> list[ImagePredic
         raise SegpipeError(f"predictions table lacks columns {sorted(missing)}")
     col = {name: table.column(name).to_pylist() if name in table.schema.names else [None] * table.num_rows
            for name in PREDICTIONS_SCHEMA.names if name != "bbox"}
+    points, crops = col["point_coords"], col["crop_box"]
     boxes = table.column("bbox")
     boxes = boxes.combine_chunks() if isinstance(boxes, pa.ChunkedArray) else boxes
     boxes = boxes.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
@@ -276,6 +286,8 @@ def predictions_from_arrow(table: pa.Table | pa.RecordBatch) -> list[ImagePredic
             col["segment_id"][i], col["category_id"][i], Rle(col["rle"][i], height, width),
             col["area"][i], tuple(float(v) for v in boxes[i]), col["score"][i], col["iscrowd"][i],
             col["stability"][i], col["flip_iou"][i],
+            None if points[i] is None else tuple(tuple(p) for p in points[i]),
+            None if crops[i] is None else tuple(crops[i]), col["class_agreement"][i],
         )
         header = (col["file_name"][i], height, width)
         by_image.setdefault(image_id, (header, []))[1].append(segment)
