@@ -26,6 +26,7 @@ engine_app = typer.Typer(no_args_is_help=True, help="The data engine: rounds of 
 app.add_typer(engine_app, name="engine")
 
 Workers = Annotated[int, typer.Option(min=1, help="Local worker processes; 1 runs in this process. Output does not depend on it.")]
+SAM = "SAM proposals (sam_vit_b/l/h only; SAM's defaults)"
 Address = Annotated[Optional[str], typer.Option(help="Run the shards as Ray tasks on this cluster (auto, host:port, ray://...).")]
 Threads = Annotated[Optional[int], typer.Option(min=0, help="With --workers 1: shards evaluated at once on threads of this process "
                                                         "(default 1; 0: every core it may use). Output does not depend on it. "
@@ -151,13 +152,27 @@ def infer(
     min_size: Annotated[Optional[int], typer.Option(min=16, help="Mask R-CNN: shorter side the images are resized to. Default: --weights' validated setting, else 800.")] = None,
     max_size: Annotated[Optional[int], typer.Option(min=16, help="Mask R-CNN: longest side at most. Default: --weights' validated setting, else 1333.")] = None,
     flip_check: Annotated[bool, typer.Option(help="Also label each image mirrored: every segment gets its flip agreement (flip_iou); twice the model time.")] = False,
+    points_per_side: Annotated[int, typer.Option(min=1, help="A grid of N x N point prompts.", rich_help_panel=SAM)] = 32,
+    points_per_batch: Annotated[int, typer.Option(min=1, help="Prompts decoded at once.", rich_help_panel=SAM)] = 64,
+    pred_iou_thresh: Annotated[float, typer.Option(min=0, max=1, help="Drop masks whose predicted IoU is below this.", rich_help_panel=SAM)] = 0.88,
+    stability_thresh: Annotated[float, typer.Option(min=0, max=1, help="Drop masks whose stability score is below this.", rich_help_panel=SAM)] = 0.95,
+    stability_offset: Annotated[float, typer.Option(min=0, help="Stability compares the mask cut at logit -offset and +offset.", rich_help_panel=SAM)] = 1.0,
+    box_nms_thresh: Annotated[float, typer.Option(min=0, max=1, help="Box IoU above which the lower-IoU mask is a duplicate.", rich_help_panel=SAM)] = 0.7,
+    crop_layers: Annotated[int, typer.Option(min=0, help="Also run on 2^i x 2^i crops, i = 1 .. N (small objects).", rich_help_panel=SAM)] = 0,
+    crop_nms_thresh: Annotated[float, typer.Option(min=0, max=1, help="Box NMS between crops.", rich_help_panel=SAM)] = 0.7,
+    crop_overlap_ratio: Annotated[float, typer.Option(min=0, max=1, help="How much crops of the first layer overlap.", rich_help_panel=SAM)] = 512 / 1500,
+    crop_points_downscale: Annotated[int, typer.Option(min=1, help="Layer i's grid has N / this^i points a side.", rich_help_panel=SAM)] = 1,
+    min_region_area: Annotated[int, typer.Option(min=0, help="Remove holes and islands smaller than this from each mask (0: off).", rich_help_panel=SAM)] = 0,
     address: Address = None,
 ) -> None:
-    """Label images with a model on Ray: Parquet predictions, COCO panoptic PNG + JSON, COCO results JSON."""
+    """Label images with a model on Ray: Parquet predictions, COCO panoptic PNG + JSON, COCO results JSON.
+
+    With a SAM model (sam_vit_b/l/h, --weights: SAM's released checkpoint), class-agnostic proposals from its
+    automatic mask generator: category 1 "object", score = predicted IoU, stability = SAM's stability score."""
     from pipeline import infer as infer_stage
     from pipeline.io.fs import read_json
     from pipeline.models import check_model_name
-    from pipeline.models.base import with_checkpoint_settings
+    from pipeline.models.base import ProposalSettings, with_checkpoint_settings
 
     dataset_categories = None
     if categories is not None:
@@ -168,8 +183,14 @@ def infer(
     check_model_name(model)
     given = {k: v for k, v in (("score_threshold", score_threshold), ("stuff_area", stuff_area),
                                ("min_size", min_size), ("max_size", max_size)) if v is not None}
+    proposals = ProposalSettings(
+        points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+        stability_score_thresh=stability_thresh, stability_score_offset=stability_offset,
+        box_nms_thresh=box_nms_thresh, crop_n_layers=crop_layers, crop_nms_thresh=crop_nms_thresh,
+        crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_points_downscale,
+        min_mask_region_area=min_region_area)
     settings = with_checkpoint_settings(infer_stage.ModelSettings(
-        weights=weights, random_weights=random_weights, seed=seed,
+        weights=weights, random_weights=random_weights, seed=seed, proposals=proposals,
         categories=tuple(dataset_categories) if dataset_categories else None), model, given)
     config = infer_stage.InferConfig(
         input=input, out=out, model=model, settings=settings, name=name, batch_size=batch_size, actors=actors,

@@ -31,7 +31,7 @@ from pipeline.io.decode import ImageDecodeError, decode_image
 from pipeline.io.fs import absolute, join, read_json, url_to_fs, write_bytes, write_json
 from pipeline.io.shards import Shard, list_shards, read_shard
 from pipeline.io.tables import read_predictions, write_predictions
-from pipeline.models import ModelSettings, check_model_name, describe  # noqa: F401 (ModelSettings: for callers)
+from pipeline.models import PROPOSALS, ModelSettings, check_model_name, describe, family  # noqa: F401 (ModelSettings: for callers)
 from pipeline.models.outputs import PanopticPostprocess, Postprocess
 from pipeline.signals import flip_agreement
 from pipeline.structures import ImagePrediction, encode_panoptic_png
@@ -317,6 +317,8 @@ def _identity(config: InferConfig, shards: list[Shard]) -> dict:
     """What determines the outputs; a rerun into the same OUT must match it to resume."""
     settings = asdict(config.settings)
     settings.pop("device")
+    if family(config.model).kind != PROPOSALS:
+        settings.pop("proposals")  # only a proposal generator reads them (and runs before them still resume)
     identity = {"format": FORMAT_VERSION, "input": absolute(config.input), "model": config.model, "settings": settings,
                 "name": config.name, "batch_size": config.batch_size, "image_info": config.image_info,
                 **({"flip_check": True} if config.flip_check else {}),  # runs before the option still resume

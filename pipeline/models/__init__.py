@@ -14,6 +14,9 @@ MODELS = {
     "maskrcnn_resnet50_fpn": "pipeline.models.maskrcnn:MaskRCNN",
     "maskrcnn_resnet50_fpn_v2": "pipeline.models.maskrcnn:MaskRCNN",
     "panoptic_maskrcnn_deeplabv3": "pipeline.models.panoptic:PanopticModel",
+    "sam_vit_b": "pipeline.models.sam:Sam",
+    "sam_vit_l": "pipeline.models.sam:Sam",
+    "sam_vit_h": "pipeline.models.sam:Sam",
 }
 
 

@@ -23,6 +23,31 @@ if TYPE_CHECKING:  # torch is imported where it is used: this module is also rea
 
 
 @dataclass(frozen=True)
+class ProposalSettings:
+    """The knobs of a class-agnostic proposal generator: SAM's automatic mask generator, with its defaults."""
+
+    points_per_side: int = 32
+    """A grid of points_per_side^2 point prompts over the image (and each crop)."""
+    points_per_batch: int = 64
+    """Point prompts decoded at once (memory against speed)."""
+    pred_iou_thresh: float = 0.88
+    """Masks whose predicted IoU is below this are dropped (0: none)."""
+    stability_score_thresh: float = 0.95
+    """Masks less stable than this are dropped (0: none)."""
+    stability_score_offset: float = 1.0
+    """The stability score compares the mask cut at logit -offset and +offset."""
+    box_nms_thresh: float = 0.7
+    """Box IoU above which a mask with a lower predicted IoU is a duplicate."""
+    crop_n_layers: int = 0
+    """Also run on 2^i x 2^i crops for i = 1 .. crop_n_layers (small objects)."""
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 0
+    """Holes and islands smaller than this are removed from each mask (0: off; needs opencv)."""
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     """How to build a model. Nothing is ever downloaded: weights come from a path or URI, or are random."""
 
@@ -44,6 +69,8 @@ class ModelSettings:
     """Seed of the random initialisation (with random_weights), so every actor builds the same model."""
     categories: tuple[dict, ...] | None = None
     """The dataset's categories (COCO dicts with id, name, isthing) for models that take them."""
+    proposals: ProposalSettings = ProposalSettings()
+    """Proposal generators only (SAM)."""
 
 
 INSTANCE, PANOPTIC, PROPOSALS = "instance", "panoptic", "proposals"

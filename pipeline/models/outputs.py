@@ -4,7 +4,7 @@ that run it never import torch (which costs seconds per worker process)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.categories import category_by_id, coco_panoptic_categories
 from pipeline.fusion import FusionConfig, fuse_panoptic
 from pipeline.signals import region_stability
-from pipeline.structures import ImagePrediction, Segment
+from pipeline.structures import ImagePrediction, Rle, Segment
 
 COCO_THING_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 """torchvision's detection labels that are COCO categories (its 91-index has 10 "N/A" slots)."""
@@ -86,6 +86,25 @@ class InstancePostprocess:
                          for k, (mask, score, label, stable) in enumerate(zip(masks, raw["scores"], raw["labels"],
                                                                               stability)))
         return ImagePrediction(image_id, file_name, raw["height"], raw["width"], segments)
+
+
+OBJECT = {"id": 1, "name": "object", "supercategory": "object", "isthing": 1}
+"""The one category of class-agnostic proposals (SA-1B style)."""
+
+
+class ProposalPostprocess:
+    """Class-agnostic proposals (COCO RLE from the generator, its predicted IoU as the score, its stability
+    score, the point prompt and the crop) to segments of category OBJECT, in the generator's order."""
+
+    def __call__(self, raw: dict[str, Any], image_id: int, file_name: str) -> ImagePrediction:
+        height, width = raw["height"], raw["width"]
+        segments = tuple(
+            replace(Segment.from_rle(k + 1, OBJECT["id"], Rle(counts, height, width), score=float(score),
+                                     stability=float(stable)),
+                    point_coords=tuple((float(x), float(y)) for x, y in points), crop_box=tuple(map(float, crop)))
+            for k, (counts, score, stable, points, crop) in enumerate(zip(
+                raw["rles"], raw["scores"], raw["stability"], raw["points"], raw["crop_boxes"])))
+        return ImagePrediction(image_id, file_name, height, width, segments)
 
 
 @dataclass(frozen=True)

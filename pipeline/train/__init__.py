@@ -122,7 +122,7 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
                 "steps": steps, "batch_size": config.batch_size,
                 "learning_rate": config.learning_rate or objective.learning_rate, "warmup": min(config.warmup, steps),
                 "seed": config.seed, "checkpoint_every": config.checkpoint_every or max(1, math.ceil(steps / 5)),
-                "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "categories")}}
+                "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "categories", "proposals")}}
     if pseudo:  # (absent otherwise, so runs from before pseudo-labels still resume)
         identity["pseudo"] = [{"uri": d.uri, "images": d.images, "fingerprint": d.fingerprint} for d in pseudo]
         identity["pseudo_ratio"] = config.pseudo_ratio
