@@ -66,15 +66,7 @@ def export(config: ExportConfig) -> dict:
     source = _filter_output(config.filtered)
     categories = source["categories"]
     _check_categories(categories, config.filtered)
-    columns = ["image_id", "segment_id", "category_id", "score", "stability", "flip_iou", "kept", "rejected_by"]
-    decisions = pa.concat_tables(read_columns(f, columns)
-                                 for f in parquet_files(join(config.filtered, "decisions"))).to_pylist()
-    rules = source["rules"]
-    origin = {}
-    for row in decisions:
-        kind = "kept" if row["kept"] else ("borderline" if _borderline(row, rules, config.margin) else None)
-        if kind == "borderline" or (kind == "kept" and config.prefill):
-            origin[(row["image_id"], row["segment_id"])] = kind
+    origin = _origins(config.filtered, source["rules"], config.margin, config.prefill)
     doubt = Counter(image for (image, _), kind in origin.items() if kind == "borderline")
     chosen = (_named_images(config.only, source["pred"]) if config.only
               else sorted(doubt, key=lambda image: (-doubt[image], image))[:config.images])
@@ -86,19 +78,15 @@ def export(config: ExportConfig) -> dict:
     frames = frame_names(predictions)
     images, empty = [], 0
     for prediction in predictions:
-        segments = []
-        for s in prediction.segments:
-            kind = origin.get((prediction.image_id, s.id))
-            if kind is None:
-                continue
-            if s.rle.area() == 0:  # CVAT fails on an empty mask ("zero-size array"); nothing to review anyway
-                empty += 1
-                continue
-            segments.append({"segment_id": s.id, "category_id": s.category_id, "score": s.score, "origin": kind,
-                             "rle": s.rle.counts})
+        segments = [(s, origin[(prediction.image_id, s.id)]) for s in prediction.segments
+                    if (prediction.image_id, s.id) in origin]
+        kept = [(s, kind) for s, kind in segments if s.rle.area() > 0]  # CVAT fails on an empty mask
+        empty += len(segments) - len(kept)
         images.append({"image_id": prediction.image_id, "file_name": prediction.file_name,
                        "frame": frames[prediction.image_id], "height": prediction.height, "width": prediction.width,
-                       "doubt": doubt[prediction.image_id], "segments": segments})
+                       "doubt": doubt[prediction.image_id],
+                       "segments": [{"segment_id": s.id, "category_id": s.category_id, "score": s.score,
+                                     "origin": kind, "rle": s.rle.counts} for s, kind in kept]})
     _copy_images(source["images"], images, config.out)
     exported = Counter(s["origin"] for image in images for s in image["segments"])
     manifest = {"filtered": config.filtered, "predictions": source["pred"], "images_uri": source["images"],
@@ -129,6 +117,19 @@ def _filter_output(filtered: str) -> dict:
                         {int(k): Thresholds(**v) for k, v in saved["per_class"].items()}, saved["duplicate_iou"])
     return {"pred": summary["source"], "images": run["input"], "model": run.get("model", ""), "rules": rules,
             "categories": read_json(join(filtered, "categories.json"))}
+
+
+def _origins(filtered: str, rules: FilterRules, margin: float, prefill: bool) -> dict[tuple[int, int], str]:
+    """(image id, segment id) -> "borderline" or "kept" (with `prefill`), for the candidates worth exporting."""
+    columns = ["image_id", "segment_id", "category_id", "score", "stability", "flip_iou", "kept", "rejected_by"]
+    decisions = pa.concat_tables(read_columns(f, columns) for f in parquet_files(join(filtered, "decisions")))
+    origin = {}
+    for row in decisions.to_pylist():
+        if row["kept"] and prefill:
+            origin[(row["image_id"], row["segment_id"])] = "kept"
+        elif not row["kept"] and _borderline(row, rules, margin):
+            origin[(row["image_id"], row["segment_id"])] = "borderline"
+    return origin
 
 
 def _check_categories(categories: list[dict], where: str) -> None:

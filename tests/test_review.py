@@ -157,6 +157,13 @@ def test_cvat_rule_empty_masks_are_counted_not_exported(exported):
     assert (1, 5) not in exported_ids and _manifest(exported)["masks"]["empty_left_out"] == 1
 
 
+def test_cvat_rule_category_id_0_is_refused(filtered, tmp_path):
+    categories = json.loads((filtered / "categories.json").read_text())
+    (filtered / "categories.json").write_text(json.dumps([{"id": 0, "name": "thing"}, *categories]))
+    _one_line(runner.invoke(app, ["review", "export", "--filtered", str(filtered), "--out", str(tmp_path / "r")]),
+              "category id 0; CVAT's COCO importer reads it as 'no label'")
+
+
 def test_label_studio_masks_decode_with_its_own_converter(exported):
     from label_studio_converter.brush import decode_rle
 
@@ -202,6 +209,9 @@ def _coco_annotation(annotation_id, image_id, category_id, mask):
             "area": rle.area(), "bbox": list(rle.bbox()), "iscrowd": 1}
 
 
+KITE = [30, 20, 40, 20, 40, 30, 30, 30]
+
+
 def _cvat_review(exported, path):
     """What a reviewer does in CVAT, then its COCO 1.0 export: CVAT numbers images and labels its own way."""
     coco = json.loads((exported / "cvat" / "instances.json").read_text())
@@ -217,7 +227,8 @@ def _cvat_review(exported, path):
         if image == 3:  # relabelled car -> dog
             a = {**a, "category_id": 8}
         kept.append(a)
-    kept.append(_coco_annotation(100, 4, 9, _mask(20, 30, 30, 40)))  # a kite nobody had found
+    kept.append({"id": 100, "image_id": 4, "category_id": 9, "segmentation": [KITE], "area": 100.0,
+                 "bbox": [30.0, 20.0, 10.0, 10.0], "iscrowd": 0})  # a kite nobody had found, drawn as a polygon
     kept.append(_coco_annotation(101, 2, 7, _mask(25, 30, 0, 5)))  # and a car
     for a in kept:
         a["image_id"], a["category_id"] = image_ids[a["image_id"]], label_ids[a["category_id"]]
@@ -254,7 +265,7 @@ def test_a_cvat_review_imports_with_the_right_counts_as_training_labels(exported
     example = next(e for e in dataset.examples if e.image_id == 4)
     sample = decode(dataset, example, *read_encoded(dataset, [example])[0])
     assert example.file_name == "x.png" and [s["category_id"] for s in sample.segments] == [7, 9]
-    assert np.array_equal(sample.ids == 2, _mask(20, 30, 30, 40))
+    assert np.array_equal(sample.ids == 2, Rle.from_coco([KITE], H, W).to_mask())
     assert np.array_equal(sample.ids == 1, _original(4, 1))
     three = next(e for e in dataset.examples if e.image_id == 3)
     assert [s["category_id"] for s in three.segments] == [8]
@@ -338,3 +349,33 @@ def test_an_import_with_an_unknown_image_or_category_is_one_line(exported, tmp_p
     _one_line(runner.invoke(app, ["review", "import", "--export", str(exported), "--corrected",
                                   str(tmp_path / "ls.json"), "--out", str(tmp_path / "x")]),
               "image '/data/upload/3/other.jpg' is not in the export")
+
+
+def test_an_unchanged_review_of_a_synthetic_pool_in_tar_shards_is_all_accepted(dataset, tmp_path):
+    """Candidates from the synthetic labels (scores spread over [0.3, 0.7)), images read from tar shards."""
+    from pipeline.train.data import check_images, load_dataset
+
+    coco = json.loads((dataset / "annotations" / "instances_val.json").read_text())
+    infer = tmp_path / "infer"
+    (infer / "predictions").mkdir(parents=True)
+    (infer / "run.json").write_text(json.dumps({"input": str(dataset / "shards"), "run_id": "s", "model": "m"}))
+    (infer / "categories.json").write_text(json.dumps(coco["categories"]))
+    predictions = []
+    for image in coco["images"]:
+        annotations = [a for a in coco["annotations"] if a["image_id"] == image["id"] and not a["iscrowd"]]
+        predictions.append(ImagePrediction(image["id"], image["file_name"], image["height"], image["width"], tuple(
+            Segment.from_rle(k + 1, a["category_id"], Rle.from_coco(a["segmentation"], image["height"], image["width"]),
+                             score=0.3 + 0.4 * ((a["id"] * 7) % 10) / 10, stability=0.99)
+            for k, a in enumerate(annotations))))
+    write_predictions(str(infer / "predictions" / "part-00000.parquet"), predictions, "s", "m")
+    run(str(infer), str(tmp_path / "filter"), FilterRules(Thresholds(min_score=0.5), {}, None))
+    _export(tmp_path / "filter", tmp_path / "review", "--images", "3", "--format", "cvat")
+    manifest = _manifest(tmp_path / "review")
+    shown = sum(len(im["segments"]) for im in manifest["images"])
+    result = runner.invoke(app, ["review", "import", "--export", str(tmp_path / "review"), "--corrected",
+                                 str(tmp_path / "review" / "cvat" / "instances.json"), "--out", str(tmp_path / "labels")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "labels" / "review.json").read_text())
+    assert len(manifest["images"]) == 3 and shown > 3
+    assert (summary["accepted"], summary["changed"], summary["deleted"], summary["added"]) == (shown, 0, 0, 0)
+    check_images(load_dataset(str(tmp_path / "labels")))  # every labelled image is in the shards
