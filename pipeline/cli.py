@@ -24,6 +24,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON reports, me
 app.add_typer(bench_app, name="bench")
 engine_app = typer.Typer(no_args_is_help=True, help="The data engine: rounds of annotate, filter, retrain, evaluate, promote.")
 app.add_typer(engine_app, name="engine")
+review_app = typer.Typer(no_args_is_help=True, help="Human review: export doubtful pseudo-labels to CVAT or Label Studio, import the corrections.")
+app.add_typer(review_app, name="review")
 
 Workers = Annotated[int, typer.Option(min=1, help="Local worker processes; 1 runs in this process. Output does not depend on it.")]
 SAM = "SAM proposals (sam_vit_b/l/h only; SAM's defaults)"
@@ -275,6 +277,58 @@ def engine_status(
     from pipeline import engine
 
     typer.echo(engine.table(engine.status(out)))
+
+
+@review_app.command("export")
+@_user_errors
+def review_export(
+    filtered: Annotated[str, typer.Option("--filtered", help="A `segpipe filter` output folder (any fsspec URI).")],
+    out: Annotated[str, typer.Option(help="Output folder: images/, images.txt, cvat/, label-studio/, review-export.json.")],
+    images: Annotated[int, typer.Option(min=1, help="Images to export, the most doubtful first (most borderline candidates).")] = 50,
+    margin: Annotated[float, typer.Option(min=0, help="Borderline: rejected by the score, stability or flip rule, at most this far below the threshold.")] = 0.1,
+    prefill: Annotated[bool, typer.Option(help="Also export the kept segments of those images, for people to correct.")] = True,
+    format: Annotated[Optional[list[str]], typer.Option("--format", help="cvat and/or label-studio (repeat; default both).")] = None,
+    image: Annotated[Optional[list[str]], typer.Option("--image", help="Export this image (file name or id) instead of choosing by doubt (repeat).")] = None,
+    image_url: Annotated[str, typer.Option(help="Label Studio: data.image is this prefix + the file name.")] = "/data/local-files/?d=",
+) -> None:
+    """Write the candidates a person should look at, for CVAT (COCO 1.0) and Label Studio (tasks with brush pre-annotations).
+
+    Example: segpipe review export --filtered round-1/filter --out review-1 --images 100
+    """
+    from pipeline.review import FORMATS, ExportConfig, export
+
+    manifest = export(ExportConfig(filtered=filtered, out=out, images=images, margin=margin, prefill=prefill,
+                                   formats=tuple(format or FORMATS), only=tuple(image or ()), image_url=image_url))
+    masks = manifest["masks"]
+    typer.echo(f"exported {len(manifest['images'])} images: {masks['borderline']} borderline and {masks['kept']} kept "
+               f"masks ({masks['empty_left_out']} empty masks left out)")
+    typer.echo(f"  images     {out.rstrip('/')}/images (names in images.txt)")
+    for kind, files in (("cvat", "cvat/instances.json, labels in cvat/labels.json"),
+                        ("label-studio", "label-studio/tasks.json, config in label-studio/config.xml")):
+        if kind in manifest["formats"]:
+            typer.echo(f"  {kind:10} {out.rstrip('/')}/{files}")
+
+
+@review_app.command("import")
+@_user_errors
+def review_import(
+    export_dir: Annotated[str, typer.Option("--export", help="The `segpipe review export` folder the file was made from.")],
+    corrected: Annotated[str, typer.Option(help="The reviewed file: CVAT's COCO 1.0 export (instances JSON) or Label Studio's JSON export.")],
+    out: Annotated[str, typer.Option(help="Labels folder (segpipe train --train OUT) and review.json.")],
+) -> None:
+    """Read the corrections back, count the masks people accepted, changed, deleted and added, write them as labels.
+
+    Example: segpipe review import --export review-1 --corrected instances_default.json --out labels-1
+    """
+    from pipeline.review import import_review
+
+    summary = import_review(export_dir, corrected, out)
+    ratios = summary["ratios"]
+    typer.echo(f"{summary['images']} images reviewed: of {summary['exported_masks']} exported masks "
+               f"{summary['accepted']} accepted ({_figure(ratios['accepted'])}), {summary['changed']} changed "
+               f"({_figure(ratios['changed'])}), {summary['deleted']} deleted ({_figure(ratios['deleted'])}); "
+               f"{summary['added']} added")
+    typer.echo(f"  labels     {out.rstrip('/')} (segpipe train --train)")
 
 
 def _figure(value: float | None) -> str:
