@@ -110,22 +110,26 @@ def validate(
 @app.command()
 @_user_errors
 def convert(
-    src: Annotated[str, typer.Argument(help="COCO instances or panoptic JSON, or a dataset table folder (any fsspec URI).")],
-    out: Annotated[str, typer.Argument(help="Dataset table folder (from COCO), or COCO JSON (from a table).")],
+    src: Annotated[str, typer.Argument(help="COCO instances or panoptic JSON, a dataset table folder, a folder of SA-1B JSON files, or a predictions folder (`segpipe infer` layout) of class-agnostic proposals (any fsspec URI).")],
+    out: Annotated[str, typer.Argument(help="Dataset table folder (from COCO), COCO JSON (from a table), predictions folder (from SA-1B), SA-1B folder (from predictions).")],
     png_dir: Annotated[Optional[str], typer.Option(help="Panoptic PNG folder of SRC, or of OUT from a table (default: the JSON path without .json).")] = None,
-    images: Annotated[Optional[str], typer.Option(help="Image folder: the table records each image's URI in it.")] = None,
+    images: Annotated[Optional[str], typer.Option(help="Image folder: the table records each image's URI in it; from SA-1B, where the images are (default: SRC, where SA-1B keeps them).")] = None,
     row_group_images: Annotated[int, typer.Option(min=1, help="Images per Parquet row group; evaluation reads a shard of 500 images, so 500 reads one row group a shard.")] = 500,
     gt: Annotated[Optional[str], typer.Option(help="SRC is a COCO results file on this ground truth: write OUT as a predictions table.")] = None,
 ) -> None:
-    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly; a results file to a predictions table.
+    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly; a results file to a predictions table;
+    SA-1B files to a predictions folder or back, exactly.
 
     Example: segpipe convert annotations/panoptic_val2017.json s3://bucket/val-table --images val2017
+
+    Example: segpipe convert sa1b/sa_000000 proposals (then: segpipe convert proposals sa1b-again)
     """
     from pipeline import convert as convert_stage
 
     start = time.perf_counter()
     done = convert_stage.convert(src, out, png_dir=png_dir, images_dir=images, row_group_images=row_group_images, gt=gt)
-    typer.echo(f"wrote {done.out}: COCO {done.kind}, {done.images} images, {done.segments} segments "
+    kind = {"predictions": "predictions table", "sa1b": "SA-1B files"}.get(done.kind, f"COCO {done.kind}")
+    typer.echo(f"wrote {done.out}: {kind}, {done.images} images, {done.segments} segments "
                f"in {time.perf_counter() - start:.1f} s")
 
 

@@ -1,0 +1,114 @@
+"""SAM proposals: SA-1B files read and written exactly, proposals given a class by a panoptic prediction."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.structures import Rle
+
+runner = CliRunner()
+HEIGHT, WIDTH = 6, 8
+
+
+def _mask(y0, y1, x0, x1):
+    mask = np.zeros((HEIGHT, WIDTH), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def _counts(mask):
+    return Rle.from_mask(mask).counts
+
+
+def _sa1b_image(image_id):
+    """An SA-1B file's content as SAM writes it: a 3x4 block and a single pixel (bbox floats, as given here)."""
+    return {"image": {"image_id": image_id, "file_name": f"sa_{image_id}.jpg", "height": HEIGHT, "width": WIDTH},
+            "annotations": [
+                {"id": 505553437, "segmentation": {"size": [HEIGHT, WIDTH], "counts": _counts(_mask(1, 4, 2, 6))},
+                 "area": 12, "bbox": [2.0, 1.0, 3.0, 2.0], "predicted_iou": 0.9871234567891234,
+                 "point_coords": [[3.5, 2.25]], "stability_score": 0.951171875, "crop_box": [0, 0, 8, 6]},
+                {"id": 7, "segmentation": {"size": [HEIGHT, WIDTH], "counts": _counts(_mask(5, 6, 7, 8))},
+                 "area": 1, "bbox": [7.0, 5.0, 0.0, 0.0], "predicted_iou": 0.88,
+                 "point_coords": [[7.1, 5.9]], "stability_score": 1.0, "crop_box": [4, 3, 4, 3]},
+            ]}
+
+
+@pytest.fixture
+def sa1b(tmp_path):
+    folder = tmp_path / "sa1b"
+    folder.mkdir()
+    for image_id in (2, 10):  # sa_2 before sa_10: numbers in names in numeric order
+        (folder / f"sa_{image_id}.json").write_text(json.dumps(_sa1b_image(image_id)))
+    return folder
+
+
+def test_a_hand_made_sa1b_folder_round_trips_to_the_same_bytes(sa1b, tmp_path):
+    table, again = tmp_path / "table", tmp_path / "again"
+    result = runner.invoke(app, ["convert", str(sa1b), str(table), "--images", str(tmp_path / "images")])
+    assert result.exit_code == 0, result.output
+    assert "predictions table, 2 images, 4 segments" in result.output
+    result = runner.invoke(app, ["convert", str(table), str(again)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in again.iterdir()) == ["sa_10.json", "sa_2.json"]
+    for name in ("sa_2.json", "sa_10.json"):
+        assert (again / name).read_bytes() == (sa1b / name).read_bytes()  # keys, order, ints and floats as given
+    run = json.loads((table / "run.json").read_text())
+    assert run["input"] == str(tmp_path / "images") and run["model"] == "sa1b"
+    assert run["sa1b"]["forms"] == {"area": "int", "bbox": "float", "predicted_iou": "float", "point_coords": "float",
+                                    "stability_score": "float", "crop_box": "int"}
+    assert json.loads((table / "categories.json").read_text()) == [
+        {"id": 1, "name": "object", "supercategory": "object", "isthing": 1}]
+
+
+def test_sa1b_read_gives_the_files_values_in_the_table_columns(sa1b, tmp_path):
+    table = tmp_path / "table"
+    assert runner.invoke(app, ["convert", str(sa1b), str(table)]).exit_code == 0
+    rows = pq.read_table(table / "predictions").to_pylist()
+    assert [(r["image_id"], r["segment_id"]) for r in rows] == [(2, 505553437), (2, 7), (10, 505553437), (10, 7)]
+    first = rows[0]
+    assert first["file_name"] == "sa_2.jpg" and (first["height"], first["width"]) == (HEIGHT, WIDTH)
+    assert first["category_id"] == 1 and first["iscrowd"] is False
+    assert first["score"] == 0.9871234567891234 and first["stability"] == 0.951171875
+    assert first["point_coords"] == [[3.5, 2.25]] and first["crop_box"] == [0.0, 0.0, 8.0, 6.0]
+    assert first["area"] == 12 and first["rle"] == _counts(_mask(1, 4, 2, 6))
+    assert first["bbox"] == [2.0, 1.0, 4.0, 3.0]  # the table's box is COCO's tight box; SAM's is one less wide and high
+    assert rows[1]["bbox"] == [7.0, 5.0, 1.0, 1.0] and rows[1]["touches_border"] is True
+    assert first["class_agreement"] is None and first["flip_iou"] is None
+    # the images are where SA-1B keeps them unless told: beside the JSON files
+    assert json.loads((table / "run.json").read_text())["input"] == str(sa1b)
+
+
+def test_sam_box_is_what_segment_anything_computes():
+    torch = pytest.importorskip("torch")
+    amg = pytest.importorskip("segment_anything.utils.amg")
+    from pipeline.io.sa1b import sam_box
+
+    for mask in (_mask(1, 4, 2, 6), _mask(5, 6, 7, 8), _mask(0, 6, 0, 8), np.zeros((HEIGHT, WIDTH), bool)):
+        rle = Rle.from_mask(mask)
+        theirs = amg.box_xyxy_to_xywh(amg.batched_mask_to_box(torch.as_tensor(mask))).tolist()
+        assert sam_box(rle.bbox(), rle.area()) == theirs
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: {"images": [], "annotations": []}, "not an SA-1B file"),
+    (lambda d: d["annotations"][0]["segmentation"].update(size=[HEIGHT, WIDTH + 1]), "mask size [6, 9] is not the image's [6, 8]"),
+    (lambda d: d["annotations"][1].update(bbox=[7.0, 5.0, 1.0, 1.0]), "bbox [7.0, 5.0, 1.0, 1.0] is not its mask's box [7.0, 5.0, 0.0, 0.0]"),
+    (lambda d: d["annotations"][1].update(area=2), "area 2 is not its mask's 1 pixels"),
+    (lambda d: d["annotations"][1].update(bbox=[7, 5, 0, 0]), "'bbox' holds ints where earlier annotations hold floats"),
+    (lambda d: d["annotations"][1].pop("crop_box") and None, "annotation lacks 'crop_box'"),
+    (lambda d: d["annotations"][1].update(category_id=3), "annotation has 'category_id', which SA-1B has not"),
+    (lambda d: d["annotations"][1]["segmentation"].update(counts="0"), "RLE counts cover 0 pixels, the image 48"),
+])
+def test_bad_sa1b_input_is_one_line(tmp_path, change, message):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    content = _sa1b_image(1)
+    content = change(content) or content
+    (folder / "sa_1.json").write_text(json.dumps(content))
+    result = runner.invoke(app, ["convert", str(folder), str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
+    assert "sa_1.json" in result.stderr
