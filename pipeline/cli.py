@@ -198,13 +198,14 @@ def filter_command(
     min_score: Annotated[Optional[float], typer.Option(help="Keep segments whose class confidence is at least this.")] = None,
     min_stability: Annotated[Optional[float], typer.Option(help="... whose stability score is at least this (SAM: 0.95).")] = None,
     min_flip_iou: Annotated[Optional[float], typer.Option(help="... whose flip agreement is at least this (needs infer --flip-check).")] = None,
+    min_class_agreement: Annotated[Optional[float], typer.Option(help="... whose class agreement is at least this: the share of a proposal's pixels the panoptic model gives its class (needs segpipe classify).")] = None,
     min_area: Annotated[Optional[int], typer.Option(min=0, help="... of at least this many pixels.")] = None,
     max_area: Annotated[Optional[int], typer.Option(min=0, help="... of at most this many pixels.")] = None,
     class_rules: Annotated[Optional[str], typer.Option(help='Per-class overrides, JSON: {"CATEGORY_ID": {"min_score": 0.5, ...}}; a class takes these instead of the options above.')] = None,
     duplicate_iou: Annotated[float, typer.Option(min=0, help="Reject a segment whose mask overlaps a higher-scoring kept one by more than this IoU; 1 switches it off.")] = 0.7,
     audit: Annotated[Optional[str], typer.Option(help="COCO panoptic or instances labels of a sample of the images: precision, recall (and PQ) of each rule and of the kept set there.")] = None,
     target_precision: Annotated[Optional[float], typer.Option(min=0, max=1, help="With --audit: choose the --tune rule's threshold per class, the loosest whose audit precision reaches this.")] = None,
-    tune: Annotated[str, typer.Option(help="The rule --target-precision chooses per class: min_score, min_stability or min_flip_iou.")] = "min_score",
+    tune: Annotated[str, typer.Option(help="The rule --target-precision chooses per class: min_score, min_stability, min_flip_iou or min_class_agreement.")] = "min_score",
 ) -> None:
     """Choose pseudo-labels: every candidate segment kept or rejected by rules on its quality signals, audited."""
     from pipeline.filtering import TUNABLE, FilterRules, Thresholds, run
@@ -212,7 +213,8 @@ def filter_command(
     if tune not in TUNABLE:
         raise SegpipeError(f"--tune {tune!r}: one of {', '.join(TUNABLE)}")
 
-    thresholds = Thresholds(min_score, min_stability, min_flip_iou, min_area, max_area)
+    thresholds = Thresholds(min_score=min_score, min_stability=min_stability, min_flip_iou=min_flip_iou,
+                            min_class_agreement=min_class_agreement, min_area=min_area, max_area=max_area)
     per_class = FilterRules.parse_per_class(class_rules, thresholds) if class_rules else {}
     summary = run(pred, out, FilterRules(thresholds, per_class, duplicate_iou if duplicate_iou < 1 else None), audit,
                   (tune, target_precision) if target_precision is not None else None)
@@ -229,6 +231,27 @@ def filter_command(
             typer.echo(f"  {rule:14} alone keeps {figures['candidates']:6}: precision {_figure(figures['precision'])}, "
                        f"recall {_figure(figures['recall'])}")
     typer.echo(f"  decisions  {out.rstrip('/')}/decisions\n  labels     {out.rstrip('/')} (segpipe train --train)")
+
+
+@app.command()
+@_user_errors
+def classify(
+    proposals: Annotated[str, typer.Option(help="Class-agnostic proposals: a `segpipe infer` output folder of a proposals model (SAM) or `segpipe convert` of SA-1B files.")],
+    panoptic: Annotated[str, typer.Option(help="A panoptic model's `segpipe infer` output folder on the same images (paired by file name).")],
+    out: Annotated[str, typer.Option(help="Output folder: predictions/ (the classified proposals, largest first), categories.json, classify.json, run.json.")],
+) -> None:
+    """Give each proposal the panoptic prediction's category covering most of its pixels, with that share as class_agreement.
+
+    Example: segpipe classify --proposals sam-out --panoptic panoptic-out --out classified
+    """
+    from pipeline.proposals import run
+
+    summary = run(proposals, panoptic, out)
+    counts = summary["counts"]
+    typer.echo(f"{counts['classified']} of {counts['proposals']} proposals classified on {counts['images']} images; "
+               f"{counts['unclassified']} without a labelled pixel left out (classify.json)"
+               + (f"; {counts['images_without_panoptic']} images without panoptic rows" if counts['images_without_panoptic'] else ""))
+    typer.echo(f"  labels     {out.rstrip('/')} (segpipe filter --pred, segpipe train --train)")
 
 
 @engine_app.command("run")
