@@ -87,6 +87,8 @@ def _segment(at: str, ann: dict, height: int, width: int, forms: dict[str, str])
         numbers = _numbers(ann[key], key)
         if numbers is None:
             raise SegpipeError(f"{at}: '{key}' is {ann[key]!r}, expected {shape}")
+        if not numbers:  # no point: nothing to learn the form from
+            continue
         form = "int" if all(_is_int(v) for v in numbers) else "float" if all(type(v) is float for v in numbers) else None
         if form is None or forms.setdefault(key, form) != form:
             raise SegpipeError(f"{at}: '{key}' mixes integers and floats" if form is None else
