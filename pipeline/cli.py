@@ -113,22 +113,26 @@ def validate(
 @app.command()
 @_user_errors
 def convert(
-    src: Annotated[str, typer.Argument(help="COCO instances or panoptic JSON, or a dataset table folder (any fsspec URI).")],
-    out: Annotated[str, typer.Argument(help="Dataset table folder (from COCO), or COCO JSON (from a table).")],
+    src: Annotated[str, typer.Argument(help="COCO instances or panoptic JSON, a dataset table folder, a folder of SA-1B JSON files, or a predictions folder (`segpipe infer` layout) of class-agnostic proposals (any fsspec URI).")],
+    out: Annotated[str, typer.Argument(help="Dataset table folder (from COCO), COCO JSON (from a table), predictions folder (from SA-1B), SA-1B folder (from predictions).")],
     png_dir: Annotated[Optional[str], typer.Option(help="Panoptic PNG folder of SRC, or of OUT from a table (default: the JSON path without .json).")] = None,
-    images: Annotated[Optional[str], typer.Option(help="Image folder: the table records each image's URI in it.")] = None,
+    images: Annotated[Optional[str], typer.Option(help="Image folder: the table records each image's URI in it; from SA-1B, where the images are (default: SRC, where SA-1B keeps them).")] = None,
     row_group_images: Annotated[int, typer.Option(min=1, help="Images per Parquet row group; evaluation reads a shard of 500 images, so 500 reads one row group a shard.")] = 500,
     gt: Annotated[Optional[str], typer.Option(help="SRC is a COCO results file on this ground truth: write OUT as a predictions table.")] = None,
 ) -> None:
-    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly; a results file to a predictions table.
+    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly; a results file to a predictions table;
+    SA-1B files to a predictions folder or back, exactly.
 
     Example: segpipe convert annotations/panoptic_val2017.json s3://bucket/val-table --images val2017
+
+    Example: segpipe convert sa1b/sa_000000 proposals (then: segpipe convert proposals sa1b-again)
     """
     from pipeline import convert as convert_stage
 
     start = time.perf_counter()
     done = convert_stage.convert(src, out, png_dir=png_dir, images_dir=images, row_group_images=row_group_images, gt=gt)
-    typer.echo(f"wrote {done.out}: COCO {done.kind}, {done.images} images, {done.segments} segments "
+    kind = {"predictions": "predictions table", "sa1b": "SA-1B files"}.get(done.kind, f"COCO {done.kind}")
+    typer.echo(f"wrote {done.out}: {kind}, {done.images} images, {done.segments} segments "
                f"in {time.perf_counter() - start:.1f} s")
 
 
@@ -217,13 +221,14 @@ def filter_command(
     min_score: Annotated[Optional[float], typer.Option(help="Keep segments whose class confidence is at least this.")] = None,
     min_stability: Annotated[Optional[float], typer.Option(help="... whose stability score is at least this (SAM: 0.95).")] = None,
     min_flip_iou: Annotated[Optional[float], typer.Option(help="... whose flip agreement is at least this (needs infer --flip-check).")] = None,
+    min_class_agreement: Annotated[Optional[float], typer.Option(help="... whose class agreement is at least this: the share of a proposal's pixels the panoptic model gives its class (needs segpipe classify).")] = None,
     min_area: Annotated[Optional[int], typer.Option(min=0, help="... of at least this many pixels.")] = None,
     max_area: Annotated[Optional[int], typer.Option(min=0, help="... of at most this many pixels.")] = None,
     class_rules: Annotated[Optional[str], typer.Option(help='Per-class overrides, JSON: {"CATEGORY_ID": {"min_score": 0.5, ...}}; a class takes these instead of the options above.')] = None,
     duplicate_iou: Annotated[float, typer.Option(min=0, help="Reject a segment whose mask overlaps a higher-scoring kept one by more than this IoU; 1 switches it off.")] = 0.7,
     audit: Annotated[Optional[str], typer.Option(help="COCO panoptic or instances labels of a sample of the images: precision, recall (and PQ) of each rule and of the kept set there.")] = None,
     target_precision: Annotated[Optional[float], typer.Option(min=0, max=1, help="With --audit: choose the --tune rule's threshold per class, the loosest whose audit precision reaches this.")] = None,
-    tune: Annotated[str, typer.Option(help="The rule --target-precision chooses per class: min_score, min_stability or min_flip_iou.")] = "min_score",
+    tune: Annotated[str, typer.Option(help="The rule --target-precision chooses per class: min_score, min_stability, min_flip_iou or min_class_agreement.")] = "min_score",
 ) -> None:
     """Choose pseudo-labels: every candidate segment kept or rejected by rules on its quality signals, audited."""
     from pipeline.filtering import TUNABLE, FilterRules, Thresholds, run
@@ -231,7 +236,8 @@ def filter_command(
     if tune not in TUNABLE:
         raise SegpipeError(f"--tune {tune!r}: one of {', '.join(TUNABLE)}")
 
-    thresholds = Thresholds(min_score, min_stability, min_flip_iou, min_area, max_area)
+    thresholds = Thresholds(min_score=min_score, min_stability=min_stability, min_flip_iou=min_flip_iou,
+                            min_class_agreement=min_class_agreement, min_area=min_area, max_area=max_area)
     per_class = FilterRules.parse_per_class(class_rules, thresholds) if class_rules else {}
     summary = run(pred, out, FilterRules(thresholds, per_class, duplicate_iou if duplicate_iou < 1 else None), audit,
                   (tune, target_precision) if target_precision is not None else None)
@@ -248,6 +254,27 @@ def filter_command(
             typer.echo(f"  {rule:14} alone keeps {figures['candidates']:6}: precision {_figure(figures['precision'])}, "
                        f"recall {_figure(figures['recall'])}")
     typer.echo(f"  decisions  {out.rstrip('/')}/decisions\n  labels     {out.rstrip('/')} (segpipe train --train)")
+
+
+@app.command()
+@_user_errors
+def classify(
+    proposals: Annotated[str, typer.Option(help="Class-agnostic proposals: a `segpipe infer` output folder of a proposals model (SAM) or `segpipe convert` of SA-1B files.")],
+    panoptic: Annotated[str, typer.Option(help="A panoptic model's `segpipe infer` output folder on the same images (paired by file name).")],
+    out: Annotated[str, typer.Option(help="Output folder: predictions/ (the classified proposals, largest first), categories.json, classify.json, run.json.")],
+) -> None:
+    """Give each proposal the panoptic prediction's category covering most of its pixels, with that share as class_agreement.
+
+    Example: segpipe classify --proposals sam-out --panoptic panoptic-out --out classified
+    """
+    from pipeline.proposals import run
+
+    summary = run(proposals, panoptic, out)
+    counts = summary["counts"]
+    typer.echo(f"{counts['classified']} of {counts['proposals']} proposals classified on {counts['images']} images; "
+               f"{counts['unclassified']} without a labelled pixel left out (classify.json)"
+               + (f"; {counts['images_without_panoptic']} images without panoptic rows" if counts['images_without_panoptic'] else ""))
+    typer.echo(f"  labels     {out.rstrip('/')} (segpipe filter --pred, segpipe train --train)")
 
 
 @engine_app.command("run")

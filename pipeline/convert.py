@@ -1,4 +1,4 @@
-"""`segpipe convert`: COCO instances or panoptic files to dataset tables and back, exactly."""
+"""`segpipe convert`: COCO instances or panoptic files to dataset tables and back, SA-1B folders to predictions and back, exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import SegpipeError
-from pipeline.io.fs import absolute, join, read_bytes, write_bytes, write_json
+from pipeline.io.fs import absolute, join, read_bytes, url_to_fs, write_bytes, write_json
 from pipeline.io.tables import DatasetTable, is_dataset_table, open_dataset_table, write_dataset_table
 from pipeline.schemas import arrow_schema
 from pipeline.structures import (
@@ -30,20 +30,33 @@ class Converted:
     """What a conversion wrote."""
 
     out: str
-    kind: str  # "instances" or "panoptic"
+    kind: str  # "instances", "panoptic", "predictions" or "sa1b"
     images: int
     segments: int
 
 
 def convert(src: str, out: str, png_dir: str | None = None, images_dir: str | None = None,
             row_group_images: int = 500, gt: str | None = None) -> Converted:
-    """A COCO file to a dataset table folder, or a dataset table folder to a COCO file (the direction from SRC);
-    with `gt`, SRC is a COCO results file and OUT its predictions table."""
+    """A COCO file to a dataset table folder, or a dataset table folder to a COCO file; a folder of SA-1B files
+    to a predictions folder (the `segpipe infer` layout, images at `images_dir`, default SRC), or a predictions
+    folder to SA-1B files (the direction from SRC); with `gt`, SRC is a COCO results file and OUT its predictions table."""
+    from pipeline.io import sa1b
+
     if gt is not None:
         return results_to_predictions(src, gt, out, row_group_images)
     if is_dataset_table(src):
         return table_to_coco(src, out, png_dir)
+    if _is_predictions_folder(src):
+        return Converted(out, "sa1b", *sa1b.write_folder(src, out))
+    if sa1b.is_sa1b_folder(src):
+        return Converted(out, "predictions", *sa1b.read_folder(src, out, images_dir, row_group_images))
     return coco_to_table(src, out, png_dir, images_dir, row_group_images)
+
+
+def _is_predictions_folder(uri: str) -> bool:
+    """A `segpipe infer` (or filter, classify, SA-1B convert) output: run.json beside predictions/."""
+    fs, path = url_to_fs(uri)
+    return fs.isfile(join(path, "run.json")) and fs.isdir(join(path, "predictions"))
 
 
 # --- COCO -> table ----------------------------------------------------------------------------

@@ -10,8 +10,8 @@ and OUT/categories.json, OUT/run.json (the images' location, so `segpipe train -
 segments as labels: pixels of rejected segments are left unlabelled, ignored by the loss, never taught as
 background) and OUT/filter.json (the rules and how many each rejected).
 
-Rules, in this order (the first that fails is recorded): score, stability, flip agreement, area (min, then
-max), then duplicates: within an image, candidates that passed are taken by score and one whose mask
+Rules, in this order (the first that fails is recorded): score, stability, flip agreement, class agreement
+(proposals given a class by `segpipe classify`), area (min, then max), then duplicates: within an image, candidates that passed are taken by score and one whose mask
 overlaps a kept one by more than `duplicate_iou` (mask IoU, any category) is rejected as its duplicate.
 """
 
@@ -31,7 +31,7 @@ from pipeline.io.tables import parquet_files, read_predictions
 from pipeline.schemas import arrow_schema
 from pipeline.structures import ImagePrediction, Segment, predictions_from_arrow, predictions_to_arrow
 
-RULES = ("min_score", "min_stability", "min_flip_iou", "min_area", "max_area", "duplicate")
+RULES = ("min_score", "min_stability", "min_flip_iou", "min_class_agreement", "min_area", "max_area", "duplicate")
 DECISIONS_SCHEMA = arrow_schema("decisions")
 
 
@@ -44,6 +44,8 @@ class Thresholds:
     min_flip_iou: float | None = None
     min_area: int | None = None
     max_area: int | None = None
+    min_class_agreement: float | None = None
+    """The share of a classified proposal's pixels the panoptic model gives its class (`segpipe classify`)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def failures(segment: Segment, t: Thresholds) -> list[str]:
     """The threshold rules a segment fails, in rule order; a rule needing a signal the segment lacks fails."""
     found = [name for name, value, least in (
         ("min_score", segment.score, t.min_score), ("min_stability", segment.stability, t.min_stability),
-        ("min_flip_iou", segment.flip_iou, t.min_flip_iou), ("min_area", segment.area, t.min_area))
+        ("min_flip_iou", segment.flip_iou, t.min_flip_iou),
+        ("min_class_agreement", segment.class_agreement, t.min_class_agreement), ("min_area", segment.area, t.min_area))
         if least is not None and (value is None or value < least)]
     return found + (["max_area"] if t.max_area is not None and segment.area > t.max_area else [])
 
@@ -125,7 +128,7 @@ def run(pred: str, out: str, rules: FilterRules, audit: str | None = None,
     With `audit` (COCO panoptic or instances labels of a sample of the images), it also says how precise
     each rule and the kept set are there (`audit_report`), and with `target` (a rule of TUNABLE, a precision)
     it first chooses that rule's threshold per class from the audit (`tune`)."""
-    source = _infer_output(pred)
+    source = read_infer_output(pred)
     truth = read_audit(audit) if audit else None
     tuned = None
     if target is not None:
@@ -141,8 +144,10 @@ def run(pred: str, out: str, rules: FilterRules, audit: str | None = None,
             raise SegpipeError(f"{out}: holds the decisions of other predictions or rules; use another --out, or "
                                "delete it to start over")
     files = parquet_files(join(pred, "predictions"))
-    if rules.thresholds.min_flip_iou is not None or any(t.min_flip_iou is not None for t in rules.per_class.values()):
-        _require_flip(files, pred)
+    for rule, column, how in (("min_flip_iou", "flip_iou", "label with `segpipe infer --flip-check`"),
+                              ("min_class_agreement", "class_agreement", "give proposals a class with `segpipe classify`")):
+        if any(getattr(t, rule) is not None for t in (rules.thresholds, *rules.per_class.values())):
+            _require_signal(files, pred, rule, column, how)
     counts = {"candidates": 0, "kept": 0, "rejected": dict.fromkeys(RULES, 0)}
     for index, uri in enumerate(files):
         predictions = predictions_from_arrow(pq.read_table(url_to_fs(uri)[1], filesystem=url_to_fs(uri)[0]))
@@ -155,7 +160,8 @@ def run(pred: str, out: str, rules: FilterRules, audit: str | None = None,
             for s, (failed, twin) in zip(prediction.segments, verdicts):
                 for name, value in (("image_id", prediction.image_id), ("segment_id", s.id),
                                     ("category_id", s.category_id), ("score", s.score), ("stability", s.stability),
-                                    ("flip_iou", s.flip_iou), ("area", s.area), ("kept", failed is None),
+                                    ("flip_iou", s.flip_iou), ("class_agreement", s.class_agreement),
+                                    ("area", s.area), ("kept", failed is None),
                                     ("rejected_by", failed), ("duplicate_of", twin)):
                     rows[name].append(value)
                 counts["candidates"] += 1
@@ -242,7 +248,7 @@ def _hits(prediction: ImagePrediction, label: AuditImage) -> np.ndarray:
     return (iou > IOU_MATCH) & same
 
 
-TUNABLE = ("min_score", "min_stability", "min_flip_iou")
+TUNABLE = ("min_score", "min_stability", "min_flip_iou", "min_class_agreement")
 
 
 def tune(truth: dict[int, AuditImage], audited: list[ImagePrediction], rules: FilterRules, rule: str,
@@ -252,7 +258,8 @@ def tune(truth: dict[int, AuditImage], audited: list[ImagePrediction], rules: Fi
     are correct (match a label, see `audit_report`) at least `target` of the time. A class that never reaches
     it gets a threshold above all its candidates (none kept); a class the audit does not see keeps its rules."""
     values: dict[int, list[tuple[float, bool]]] = {}
-    field = {"min_score": "score", "min_stability": "stability", "min_flip_iou": "flip_iou"}[rule]
+    field = {"min_score": "score", "min_stability": "stability", "min_flip_iou": "flip_iou",
+             "min_class_agreement": "class_agreement"}[rule]
     for prediction in audited:
         correct = _hits(prediction, truth[prediction.image_id]).any(axis=1)
         for s, ok in zip(prediction.segments, correct):
@@ -335,7 +342,8 @@ def audit_report(truth: dict[int, AuditImage], audited: list[tuple[ImagePredicti
     return report
 
 
-def _infer_output(pred: str) -> dict:
+def read_infer_output(pred: str) -> dict:
+    """A `segpipe infer` output folder's run.json and categories.json; one line for a folder that is not one."""
     fs, path = url_to_fs(pred)
     if not fs.isdir(path) or not fs.exists(url_to_fs(join(pred, "run.json"))[1]):
         raise SegpipeError(f"{pred}: not a `segpipe infer` output folder (no run.json)")
@@ -344,15 +352,17 @@ def _infer_output(pred: str) -> dict:
     return {"run": read_json(join(pred, "run.json")), "categories": read_json(join(pred, "categories.json"))}
 
 
-def _require_flip(files: list[str], pred: str) -> None:
-    """A flip rule needs a table labelled with --flip-check (a row without agreement then fails the rule)."""
+def _require_signal(files: list[str], pred: str, rule: str, column: str, how: str) -> None:
+    """A rule on a signal needs a table that has it somewhere (a row without it then fails the rule): flip
+    agreement from `infer --flip-check`, class agreement from `segpipe classify`."""
     for uri in files:
         fs, path = url_to_fs(uri)
-        if "flip_iou" in pq.read_schema(path, filesystem=fs).names:
-            column = pq.read_table(path, filesystem=fs, columns=["flip_iou"]).column(0)
-            if column.null_count < len(column):
+        if column in pq.read_schema(path, filesystem=fs).names:
+            values = pq.read_table(path, filesystem=fs, columns=[column]).column(0)
+            if values.null_count < len(values):
                 return
-    raise SegpipeError(f"{pred}: no flip agreement to apply --min-flip-iou to; label with `segpipe infer --flip-check`")
+    signal = column.replace("_iou", " agreement").replace("_", " ")  # flip agreement, class agreement
+    raise SegpipeError(f"{pred}: no {signal} to apply --{rule.replace('_', '-')} to; {how}")
 
 
 def _write(uri: str, table: pa.Table) -> None:

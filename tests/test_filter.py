@@ -81,8 +81,8 @@ def test_each_candidate_is_kept_or_rejected_by_the_first_rule_it_fails(labelled,
     assert (row["category_id"], row["score"], row["stability"], row["flip_iou"], row["area"]) == (8, 0.9, 0.5, 0.9, 20)
     summary = json.loads((out / "filter.json").read_text())
     assert (summary["candidates"], summary["kept"]) == (12, 4)
-    assert summary["rejected"] == {"min_score": 1, "min_stability": 3, "min_flip_iou": 1, "min_area": 1, "max_area": 1,
-                                   "duplicate": 1}
+    assert summary["rejected"] == {"min_score": 1, "min_stability": 3, "min_flip_iou": 1, "min_class_agreement": 0,
+                                   "min_area": 1, "max_area": 1, "duplicate": 1}
     assert summary["rules"]["per_class"]["8"]["min_score"] == 0.25
     assert "4 of 12 segments kept" in result.output
     # The kept segments, as a predictions table with every column of the source's rows.
@@ -223,3 +223,50 @@ def test_a_target_precision_chooses_each_class_threshold_from_the_audit(labelled
     assert 7 not in kept.column("category_id").to_pylist()
     result = runner.invoke(app, ["filter", "--pred", str(labelled), "--out", str(tmp_path / "c"), "--target-precision", "0.5"])
     assert result.exit_code == 2 and "needs --audit" in result.stderr
+
+
+@pytest.fixture
+def classified(tmp_path):
+    """A `segpipe classify` output: proposals of classes 7 and 8 with their class agreement."""
+    out = tmp_path / "classified"
+    (out / "predictions").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"input": str(tmp_path / "images"), "run_id": "r2", "model": "sam"}))
+    (out / "categories.json").write_text(json.dumps([{"id": 7, "name": "a", "isthing": 1}, {"id": 8, "name": "b", "isthing": 1}]))
+    segments = [replace(_segment(k + 1, category, _mask(0, 2, 4 * k, 4 * k + 2), 0.9), class_agreement=agreement)
+                for k, (category, agreement) in enumerate([(7, 0.9), (7, 0.6), (8, 0.6), (8, 0.3)])]
+    write_predictions(str(out / "predictions" / "part-00000.parquet"),
+                      [ImagePrediction(1, "1.jpg", SIZE, SIZE, tuple(segments))], "r2", "sam")
+    return out
+
+
+def test_min_class_agreement_rejects_proposals_the_panoptic_model_disagrees_with(classified, tmp_path):
+    out = tmp_path / "filtered"
+    result = runner.invoke(app, ["filter", "--pred", str(classified), "--out", str(out), "--min-class-agreement", "0.75",
+                                 "--class-rules", '{"8": {"min_class_agreement": 0.5}}'])
+    assert result.exit_code == 0, result.output
+    decisions = pq.read_table(out / "decisions").to_pylist()
+    assert [(d["segment_id"], d["class_agreement"], d["kept"], d["rejected_by"]) for d in decisions] == [
+        (1, 0.9, True, None), (2, 0.6, False, "min_class_agreement"),  # class 7: at least 0.75
+        (3, 0.6, True, None), (4, 0.3, False, "min_class_agreement")]  # class 8: its own 0.5
+    summary = json.loads((out / "filter.json").read_text())
+    assert summary["rejected"]["min_class_agreement"] == 2 and summary["rules"]["thresholds"]["min_class_agreement"] == 0.75
+    assert pq.read_table(out / "predictions").column("class_agreement").to_pylist() == [0.9, 0.6]
+    assert pq.read_schema(out / "decisions" / "part-00000.parquet").metadata[b"segpipe.version"] == b"2"
+
+
+def test_min_class_agreement_on_predictions_without_classes_is_one_line(labelled, tmp_path):
+    result = runner.invoke(app, ["filter", "--pred", str(labelled), "--out", str(tmp_path / "x"), "--min-class-agreement", "0.5"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "no class agreement to apply --min-class-agreement to; give proposals a class with `segpipe classify`" in result.stderr
+
+
+def test_a_target_precision_can_choose_the_class_agreement_threshold(classified, tmp_path):
+    labels = _instances_json(tmp_path / "labels.json", {1: [(7, _mask(0, 2, 0, 2)), (8, _mask(0, 2, 8, 10))]})
+    out = tmp_path / "tuned"
+    result = runner.invoke(app, ["filter", "--pred", str(classified), "--out", str(out), "--audit", str(labels),
+                                 "--target-precision", "1", "--tune", "min_class_agreement"])
+    assert result.exit_code == 0, result.output
+    chosen = json.loads((out / "filter.json").read_text())["tuned"]["per_class"]
+    # class 7: only the 0.9 proposal is right; class 8: the 0.6 one is right, the 0.3 one is not
+    assert {k: (v["threshold"], v["precision"], v["candidates"]) for k, v in chosen.items()} == {
+        "7": (0.9, 1.0, 1), "8": (0.6, 1.0, 1)}

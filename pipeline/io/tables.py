@@ -47,13 +47,18 @@ def read_columns(uri: str, columns: list[str]) -> pa.Table:
         raise SegpipeError(f"{uri}: cannot be read as Parquet ({error})") from None
 
 
-def read_predictions(files: Sequence[str], image_ids: Sequence[int] | None = None) -> list[ImagePrediction]:
-    """The predictions of `image_ids` (all images when None) from Parquet files of the predictions table.
+def read_predictions(files: Sequence[str], image_ids: Sequence[int] | None = None,
+                     file_names: Sequence[str] | None = None) -> list[ImagePrediction]:
+    """The predictions of `image_ids` or of `file_names` (all images when neither) from Parquet files of the
+    predictions table.
 
     The filter is pushed down to Parquet row groups, so reading a shard's images does not load the table.
     """
     dataset = _dataset(files)
     row_filter = None if image_ids is None else ds.field("image_id").isin(list(image_ids))
+    if file_names is not None:
+        by_name = ds.field("file_name").isin(list(file_names))
+        row_filter = by_name if row_filter is None else row_filter & by_name
     try:
         table = dataset.to_table(filter=row_filter)
     except (pa.ArrowInvalid, OSError) as error:

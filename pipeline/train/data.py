@@ -13,7 +13,7 @@ from pipeline.errors import SegpipeError
 from pipeline.io.decode import ImageDecodeError, decode_image
 from pipeline.io.fs import join, parse_json, read_bytes, read_json, url_to_fs
 from pipeline.io.shards import Shard, list_shards, read_shard
-from pipeline.structures import MAX_SEGMENT_ID, Rle, decode_panoptic_png
+from pipeline.structures import Rle, decode_panoptic_png
 
 
 @dataclass(frozen=True)
@@ -202,10 +202,11 @@ def decode(dataset: Dataset, example: Example, image: bytes, png: bytes | None) 
             segments.append({"id": k + 1, "category_id": annotation["category_id"],
                              "iscrowd": annotation.get("iscrowd", 0)})
     else:
-        for row in example.segments:
-            if not 0 < row["id"] <= MAX_SEGMENT_ID:
-                raise SegpipeError(f"{where}: segment id {row['id']} outside 1..{MAX_SEGMENT_ID}")
+        # Painted in row order, as k + 1: a predictions table's ids need only be unique in their image (SA-1B's
+        # annotation ids pass 2^24), and `segpipe classify` writes proposals largest first so smaller ones keep
+        # their pixels.
+        for k, row in enumerate(example.segments):
             ids[Rle.from_coco({"size": [example.height, example.width], "counts": row["rle"]},
-                              example.height, example.width).to_mask()] = row["id"]
-            segments.append({k: row[k] for k in ("id", "category_id", "iscrowd")})
+                              example.height, example.width).to_mask()] = k + 1
+            segments.append({"id": k + 1, "category_id": row["category_id"], "iscrowd": row["iscrowd"]})
     return Sample(example.image_id, rgb, ids, segments)
