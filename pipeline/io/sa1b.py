@@ -5,16 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+
 import pyarrow.parquet as pq
 
 from pipeline.errors import SegpipeError
 from pipeline.io.fs import absolute, is_hidden, join, read_json, url_to_fs, write_bytes, write_json
 from pipeline.io.tables import parquet_files, write_predictions
+from pipeline.models.outputs import OBJECT
 from pipeline.structures import ImagePrediction, Rle, Segment, predictions_from_arrow, rle_counts
 from pipeline.validate import _is_int, _is_number
 
-OBJECT = {"id": 1, "name": "object", "supercategory": "object", "isthing": 1}
-"""The one category of class-agnostic proposals."""
 MODEL = "sa1b"
 IMAGE_KEYS = ("image_id", "file_name", "height", "width")
 ANNOTATION_KEYS = ("id", "segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box")
