@@ -292,7 +292,27 @@ def engine_run(
     engine.check_job(spec)
     manifests = engine.run(spec, progress=lambda line: typer.echo(line, err=True))
     typer.echo(engine.table(manifests))
-    typer.echo(f"model: {manifests[-1]['current']}")
+    if not manifests[-1].get("waiting"):
+        typer.echo(f"model: {manifests[-1]['current']}")
+
+
+@engine_app.command("review")
+@_user_errors
+def engine_review(
+    out: Annotated[str, typer.Argument(help="A data-engine job's out folder.")],
+    round: Annotated[int, typer.Argument(min=1, help="The round whose review export people corrected.")],
+    corrected: Annotated[str, typer.Argument(help="Their corrections: CVAT's COCO 1.0 export, or Label Studio's JSON export.")],
+) -> None:
+    """Import people's corrections of a round's review export: human labels for that round's retrain (if it has not
+    started) and every later round's; the accepted / changed / deleted / added counts go into the round's manifest.
+
+    Example: segpipe engine review engine-out 1 annotations/instances_default.json
+    """
+    from pipeline import engine
+
+    summary = engine.import_review(out, round, corrected)
+    typer.echo(f"round {round}: {summary['accepted']} accepted, {summary['changed']} changed, {summary['deleted']} "
+               f"deleted, {summary['added']} added; labels in {out.rstrip('/')}/round-{round}/reviewed")
 
 
 @engine_app.command("status")
@@ -365,12 +385,12 @@ def _figure(value: float | None) -> str:
 @app.command()
 @_user_errors
 def train(
-    train: Annotated[str, typer.Option(help="Training labels: COCO panoptic or instances JSON, or a `segpipe infer` output folder (pseudo-labels).")],
+    train: Annotated[list[str], typer.Option(help="Human training labels: COCO panoptic or instances JSON, or a folder of the predictions-table layout (`segpipe review import`, `segpipe infer`); repeat for more sources, one stream.")],
     val: Annotated[str, typer.Option(help="Validation labels, in the same forms; PQ and AP are measured on them.")],
     model: Annotated[str, typer.Option(help=f"Model name: {', '.join(MODELS)} (from a seeded random start, or from --init; a family segpipe cannot train says so).")],
     out: Annotated[str, typer.Option(help="Output folder (any fsspec URI): checkpoints/, model.pt, metrics.json, train.json.")],
     init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint (path or URI); default: random initialisation.")] = None,
-    train_images: Annotated[Optional[str], typer.Option(help="Images of --train (default: COCO layout, ROOT/SPLIT beside ROOT/annotations/; an infer folder's input).")] = None,
+    train_images: Annotated[Optional[str], typer.Option(help="Images of the first --train (default: COCO layout, ROOT/SPLIT beside ROOT/annotations/; a folder's run.json input).")] = None,
     val_images: Annotated[Optional[str], typer.Option(help="Images of --val (default as for --train-images).")] = None,
     pseudo: Annotated[Optional[list[str]], typer.Option(help="Pseudo-labels to train on beside --train: a `segpipe filter` or `segpipe infer` output folder (repeat for more).")] = None,
     pseudo_ratio: Annotated[Optional[float], typer.Option(min=0, max=1, help="The share of every batch drawn from --pseudo (default: all examples alike).")] = None,
@@ -393,7 +413,7 @@ def train(
     from pipeline import train as train_stage
 
     config = train_stage.TrainConfig(
-        train=train, val=val, model=model, out=out, init=init, train_images=train_images, val_images=val_images,
+        train=train[0], more_train=tuple(train[1:]), val=val, model=model, out=out, init=init, train_images=train_images, val_images=val_images,
         pseudo=tuple(pseudo or ()), pseudo_ratio=pseudo_ratio, workers=workers, gpus_per_worker=gpus_per_worker, steps=steps, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every, resume=resume, address=address,
         settings=replace(train_stage.TrainConfig.settings, min_size=min_size, max_size=max_size))

@@ -1,9 +1,12 @@
 """`segpipe engine`: the data engine's rounds (annotate, filter, retrain, evaluate, promote), resumable stage by stage.
 
     round 0:  the starting model on the held-out set (its PQ is the bar)
-    round r:  infer the unlabeled pool with the current model -> filter (rules, audit) -> train on the labeled
-              set + the kept pseudo-labels (a fixed share of each batch), from the current model -> infer and
-              evaluate the held-out set -> promote the new model if its PQ drops by no more than the tolerance
+    round r:  infer the unlabeled pool with the current model (and, with `proposals`, SAM's proposals given
+              classes by it) -> filter (rules, audit) -> [with `review`: export the doubtful for people, and
+              with `wait` stop until their corrections are imported] -> train on the labeled set + the
+              corrections imported so far + the kept pseudo-labels (a fixed share of each batch), from the
+              current model -> infer and evaluate the held-out set -> promote the new model if its PQ drops
+              by no more than the tolerance
 
 Every stage writes under OUT/round-N/ and the round's manifest (OUT/round-N/manifest.json, atomic) records
 each finished stage, its outputs and numbers; a rerun skips finished stages and resumes the unfinished one
@@ -22,14 +25,21 @@ from pipeline.errors import SegpipeError
 from pipeline.io.fs import join, read_json, url_to_fs, write_json
 from pipeline.models.base import fingerprint
 
-STAGES = ("annotate", "filter", "retrain", "evaluate", "promote")
+STAGES = ("annotate", "filter", "review", "retrain", "evaluate", "promote")
+"""A round's stages in order; `review` only in a job that has a review section."""
 DEFAULTS = {
     "infer": {"batch_size": 4, "actors": 1, "gpus_per_actor": 0.0, "flip_check": False},
     "filter": {"min_score": 0.5, "min_stability": 0.9, "min_flip_iou": None, "min_area": 16, "max_area": None,
-               "duplicate_iou": 0.7, "class_rules": {}, "target_precision": None, "tune": "min_score"},
+               "min_class_agreement": None, "duplicate_iou": 0.7, "class_rules": {}, "target_precision": None,
+               "tune": "min_score"},
     "train": {"steps": 300, "batch_size": 8, "pseudo_ratio": 0.5, "learning_rate": None, "workers": 1,
               "gpus_per_worker": 0.0, "seed": 0},
     "promote": {"tolerance": 0.0},
+}
+OPTIONAL = {  # sections a job may have; their defaults apply only where the section is given
+    "proposals": {"weights": None, "random_weights": False},
+    "review": {"images": 50, "margin": 0.1, "prefill": True, "formats": ["cvat", "label-studio"],
+               "image_url": "/data/local-files/?d=", "wait": False},
 }
 PATHS = ("out", "start", "labeled", "labeled_images", "unlabeled", "heldout", "heldout_images", "audit")
 
@@ -57,10 +67,13 @@ def load_job(path: str) -> dict:
                                f"{', '.join(error.schema.get('properties', {}))}")
         raise SegpipeError(f"{path}: {where or 'the job'}: {error.message}")
     base = Path(path).parent if "://" not in path else None
-    for key in PATHS:
-        if key in job and base is not None and "://" not in job[key] and not Path(job[key]).is_absolute():
-            job[key] = str((base / job[key]).resolve())
-    return {**job, **{section: {**values, **job.get(section, {})} for section, values in DEFAULTS.items()}}
+    def resolved(uri: str) -> str:
+        return str((base / uri).resolve()) if base is not None and "://" not in uri and not Path(uri).is_absolute() else uri
+    job = {**job, **{key: resolved(job[key]) for key in PATHS if key in job}}
+    if job.get("proposals", {}).get("weights"):
+        job["proposals"] = {**job["proposals"], "weights": resolved(job["proposals"]["weights"])}
+    return {**job, **{section: {**values, **job.get(section, {})} for section, values in DEFAULTS.items()},
+            **{section: {**values, **job[section]} for section, values in OPTIONAL.items() if section in job}}
 
 
 def check_job(job: dict) -> None:
@@ -81,6 +94,15 @@ def check_job(job: dict) -> None:
     if not any(shard.members or shard.kind != "folder" for shard in shards):
         raise SegpipeError(f"{job['unlabeled']}: the unlabeled pool holds no images")
     read_checkpoint(job["start"], job["model"])
+    proposals = job.get("proposals")
+    if proposals:
+        if not proposals["weights"] and not proposals["random_weights"]:
+            raise SegpipeError("proposals: give SAM's checkpoint as weights (it is never downloaded)")
+        if proposals["weights"] and not url_to_fs(proposals["weights"])[0].exists(url_to_fs(proposals["weights"])[1]):
+            raise SegpipeError(f"{proposals['weights']}: no such file (proposals.weights)")
+        from pipeline.models.sam import _segment_anything
+
+        _segment_anything()  # installed, or one line saying how
     if job.get("audit"):
         from pipeline.filtering import read_audit
 
@@ -94,6 +116,8 @@ def run(job: dict, progress: Callable[[str], None] = lambda line: None) -> list[
     manifests = [_baseline(job, out, progress)]
     for number in range(1, job["rounds"] + 1):
         manifests.append(_round(job, out, number, manifests[-1], progress))
+        if manifests[-1].get("waiting"):
+            break
     return manifests
 
 
@@ -139,30 +163,64 @@ def _round(job: dict, out: str, number: int, previous: dict, progress: Callable[
                                                        "bar": previous["heldout"]["pq"] if previous["promoted"]
                                                        else previous["bar"], "stages": {}}
     current = manifest["model_in"]
-    for stage in STAGES:
+    manifest.pop("waiting", None)
+    for stage in stages(job):
         if manifest["stages"].get(stage, {}).get("state") == "done":
             continue
+        if stage == "retrain" and job.get("review", {}).get("wait") and not _imported(folder):
+            progress(f"round {number}: waiting for review: correct {join(folder, 'review')} in CVAT or Label "
+                     f"Studio, then `segpipe engine review {out} {number} CORRECTED.json` and run the job again")
+            return {**manifest, "waiting": True}
         progress(f"round {number}: {stage}")
         start = time.perf_counter()
         manifest.update(_STAGE[stage](job, folder, current, manifest))
         manifest["stages"][stage] = {"state": "done", "seconds": round(time.perf_counter() - start, 1)}
-        write_json(uri, manifest)
+        _save(uri, manifest)
     return manifest
+
+
+def _save(uri: str, manifest: dict) -> None:
+    """Write the round's manifest, keeping the review counts `segpipe engine review` may have added meanwhile."""
+    fs, path = url_to_fs(uri)
+    if fs.exists(path) and "reviewed" in (on_disk := read_json(uri)):
+        manifest["reviewed"] = on_disk["reviewed"]
+    write_json(uri, manifest)
+
+
+def stages(job: dict) -> tuple[str, ...]:
+    """The job's round stages, in order."""
+    return tuple(stage for stage in STAGES if stage != "review" or "review" in job)
 
 
 def _annotate(job: dict, folder: str, current: str, manifest: dict) -> dict:
     from pipeline.infer import InferConfig
     from pipeline.infer import run as infer
     from pipeline.models import ModelSettings
-    from pipeline.models.base import with_checkpoint_settings
+    from pipeline.models.base import ProposalSettings, with_checkpoint_settings
 
     settings = with_checkpoint_settings(ModelSettings(weights=current), job["model"], {})
     options = job["infer"]
-    summary = infer(InferConfig(input=job["unlabeled"], out=join(folder, "infer"), model=job["model"], settings=settings,
-                                batch_size=options["batch_size"], actors=options["actors"],
-                                gpus_per_actor=options["gpus_per_actor"], flip_check=options["flip_check"],
-                                address=job.get("address")))
-    return {"annotated": {"images": summary.images, "segments": summary.segments, "failed": summary.failed}}
+    common = {"input": job["unlabeled"], "batch_size": options["batch_size"], "actors": options["actors"],
+              "gpus_per_actor": options["gpus_per_actor"], "address": job.get("address")}
+    summary = infer(InferConfig(out=join(folder, "infer"), model=job["model"], settings=settings,
+                                flip_check=options["flip_check"], **common))
+    result = {"annotated": {"images": summary.images, "segments": summary.segments, "failed": summary.failed}}
+    if "proposals" in job:
+        from pipeline.proposals import run as classify
+
+        sam = dict(job["proposals"])
+        settings = ModelSettings(weights=sam.pop("weights"), random_weights=sam.pop("random_weights"),
+                                 proposals=ProposalSettings(**{k: v for k, v in sam.items() if k != "model"}))
+        made = infer(InferConfig(out=join(folder, "proposals"), model=sam["model"], settings=settings, **common))
+        counts = classify(join(folder, "proposals"), join(folder, "infer"), join(folder, "classified"))["counts"]
+        result["proposals"] = {"model": sam["model"], "proposals": made.segments, "failed": made.failed,
+                               "classified": counts["classified"], "unclassified": counts["unclassified"]}
+    return result
+
+
+def _candidates(job: dict, folder: str) -> str:
+    """What the filter chooses from: SAM's classified proposals, or the current model's own segments."""
+    return join(folder, "classified" if "proposals" in job else "infer")
 
 
 def _filter(job: dict, folder: str, current: str, manifest: dict) -> dict:
@@ -171,17 +229,53 @@ def _filter(job: dict, folder: str, current: str, manifest: dict) -> dict:
 
     options = job["filter"]
     thresholds = Thresholds(options["min_score"], options["min_stability"], options["min_flip_iou"],
-                            options["min_area"], options["max_area"])
+                            options["min_area"], options["max_area"], options["min_class_agreement"])
     per_class = (FilterRules.parse_per_class(json.dumps(options["class_rules"]), thresholds)
                  if options["class_rules"] else {})
     rules = FilterRules(thresholds, per_class, options["duplicate_iou"])
     target = (options["tune"], options["target_precision"]) if options["target_precision"] is not None else None
-    summary = filter_run(join(folder, "infer"), join(folder, "filter"), rules, job.get("audit"), target)
+    summary = filter_run(_candidates(job, folder), join(folder, "filter"), rules, job.get("audit"), target)
     kept = summary.get("audit", {}).get("kept", {})
     return {"filter": {"candidates": summary["candidates"], "kept": summary["kept"], "rejected": summary["rejected"],
                        "audit_precision": kept.get("precision"), "audit_recall": kept.get("recall"),
                        "audit_per_rule": {rule: figures["precision"] for rule, figures in
                                           summary.get("audit", {}).get("per_rule", {}).items()}}}
+
+
+def _review(job: dict, folder: str, current: str, manifest: dict) -> dict:
+    from pipeline.review import ExportConfig, export
+
+    options = job["review"]
+    exported = export(ExportConfig(filtered=join(folder, "filter"), out=join(folder, "review"),
+                                   images=options["images"], margin=options["margin"], prefill=options["prefill"],
+                                   formats=tuple(options["formats"]), image_url=options["image_url"]))
+    return {"review_export": {"images": len(exported["images"]), "masks": exported["masks"]}}
+
+
+def _imported(folder: str) -> bool:
+    """Whether people's corrections of the round's review export have been imported."""
+    fs, path = url_to_fs(join(folder, "reviewed", "review.json"))
+    return fs.exists(path)
+
+
+def import_review(out: str, number: int, corrected: str) -> dict:
+    """`segpipe engine review`: people's corrections of round `number`'s export become OUT/round-N/reviewed
+    (human labels for this round's retrain, if it has not started, and every later round's); the counts of
+    accepted, changed, deleted and added masks go into the round's manifest."""
+    from pipeline.review import import_review as read_corrections
+
+    folder = join(out.rstrip("/"), f"round-{number}")
+    uri = join(folder, "manifest.json")
+    if not url_to_fs(uri)[0].exists(url_to_fs(uri)[1]) or "review" not in read_json(uri)["stages"]:
+        raise SegpipeError(f"{folder}: no review export to import corrections for (is the job's review on, and "
+                           "has the round filtered?)")
+    if _imported(folder):
+        raise SegpipeError(f"{folder}: its review was imported already ({join(folder, 'reviewed')})")
+    summary = read_corrections(join(folder, "review"), corrected, join(folder, "reviewed"))
+    manifest = read_json(uri)
+    manifest["reviewed"] = {k: summary[k] for k in ("accepted", "changed", "deleted", "added")}
+    write_json(uri, manifest)
+    return summary
 
 
 def _retrain(job: dict, folder: str, current: str, manifest: dict) -> dict:
@@ -193,8 +287,14 @@ def _retrain(job: dict, folder: str, current: str, manifest: dict) -> dict:
     resume = url_to_fs(join(out, "train.json"))[0].exists(url_to_fs(join(out, "train.json"))[1])
     if manifest["filter"]["kept"] == 0:
         raise SegpipeError(f"{folder}: the filter kept no pseudo-label; loosen its rules")
+    if "reviewed_labels" not in manifest:  # fixed when the stage first starts, so a resumed retrain sees the same
+        root = folder.rsplit("/", 1)[0]
+        manifest["reviewed_labels"] = [join(root, f"round-{r}", "reviewed") for r in range(1, manifest["round"] + 1)
+                                       if _imported(join(root, f"round-{r}"))]
+        _save(join(folder, "manifest.json"), manifest)
     result = train(TrainConfig(train=job["labeled"], val=job["heldout"], model=job["model"], out=out, init=current,
                                train_images=job.get("labeled_images"), val_images=job.get("heldout_images"),
+                               more_train=tuple(manifest["reviewed_labels"]),
                                pseudo=(join(folder, "filter"),), pseudo_ratio=options["pseudo_ratio"],
                                steps=options["steps"], batch_size=options["batch_size"],
                                learning_rate=options["learning_rate"], workers=options["workers"],
@@ -213,7 +313,8 @@ def _promote(job: dict, folder: str, current: str, manifest: dict) -> dict:
     return {"promoted": promoted, "current": manifest["trained"]["model"] if promoted else current}
 
 
-_STAGE = {"annotate": _annotate, "filter": _filter, "retrain": _retrain, "evaluate": _evaluate, "promote": _promote}
+_STAGE = {"annotate": _annotate, "filter": _filter, "review": _review, "retrain": _retrain, "evaluate": _evaluate,
+          "promote": _promote}
 
 
 def _heldout(job: dict, model: str, out: str) -> dict:
@@ -237,13 +338,17 @@ def _heldout(job: dict, model: str, out: str) -> dict:
 
 
 def table(manifests: list[dict]) -> str:
-    """The rounds as `segpipe engine status` prints them."""
-    lines = [f"{'round':>5} {'candidates':>10} {'kept':>6} {'audit P':>7} {'held-out PQ':>11} {'promoted':>8}"]
+    """The rounds as `segpipe engine status` prints them (review: accepted / changed / deleted / added)."""
+    lines = [f"{'round':>5} {'candidates':>10} {'kept':>6} {'audit P':>7} {'review A/C/D/+':>15} {'held-out PQ':>11} "
+             f"{'promoted':>8}"]
     for m in manifests:
         f = m.get("filter", {})
         precision = f.get("audit_precision")
         pq = m.get("heldout", {}).get("pq")
+        review = "/".join(str(m["reviewed"][k]) for k in ("accepted", "changed", "deleted", "added")) \
+            if "reviewed" in m else ("waiting" if m.get("waiting") else "-")
+        state = ("yes" if m["promoted"] else "no") if "promoted" in m else "running"
         lines.append(f"{m['round']:>5} {f.get('candidates', '-'):>10} {f.get('kept', '-'):>6} "
-                     f"{'-' if precision is None else f'{precision:.3f}':>7} {'-' if pq is None else f'{pq:.4f}':>11} "
-                     f"{('yes' if m['promoted'] else 'no') if 'promoted' in m else 'running':>8}")
+                     f"{'-' if precision is None else f'{precision:.3f}':>7} {review:>15} "
+                     f"{'-' if pq is None else f'{pq:.4f}':>11} {state:>8}")
     return "\n".join(lines)

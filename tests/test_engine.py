@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -88,6 +89,11 @@ def test_a_bad_job_is_one_line_before_any_work(dataset, job, tmp_path):
         ({**spec, "unlabeled": str(tmp_path / "empty")}, "empty: holds no images"),
         ({**spec, "start": str(tmp_path / "none.pt")}, "none.pt: no such file"),
         ({**spec, "labeled": str(dataset / "annotations" / "instances_val.json")}, "give a COCO panoptic file"),
+        ({**spec, "proposals": {"model": "sam_vit_b"}}, "proposals: give SAM's checkpoint as weights"),
+        ({**spec, "proposals": {"model": "sam_vit_b", "weights": "none.pth"}}, "none.pth: no such file (proposals.weights)"),
+        ({**spec, "proposals": {"model": "sam_vit_x", "weights": "x.pth"}}, "proposals.model: 'sam_vit_x' is not one of"),
+        ({**spec, "review": {"wait": "yes"}}, "review.wait: 'yes' is not of type 'boolean'"),
+        ({**spec, "review": {"formats": ["cvat", "labelbox"]}}, "review.formats.1: 'labelbox' is not one of"),
     ]
     for content, message in cases:
         job.write_text(yaml.safe_dump(content))
@@ -154,3 +160,94 @@ def test_an_engine_killed_during_retrain_resumes_there_and_ends_as_an_unbroken_o
     assert resumed[2] == unbroken[2]
     assert resumed[1].keys() == unbroken[1].keys()
     assert all(torch.equal(resumed[1]["model"][k], unbroken[1]["model"][k]) for k in unbroken[1]["model"])
+
+
+def test_a_round_hands_the_doubtful_to_people_waits_and_trains_on_their_corrections(cluster, job, tmp_path):
+    """Review on, with wait: round 1 exports for CVAT and stops; a simulated reviewer deletes a mask, moves one,
+    adds one (and CVAT renumbers images and labels); `engine review` imports it with the right counts, and the
+    rerun's retrain takes the corrections as human labels."""
+    import numpy as np
+
+    from pipeline.structures import Rle
+
+    spec = yaml.safe_load(job.read_text())
+    # The random start model scores every segment 0.12 to 0.15: half fall under min_score 0.129, just under it
+    # (borderline at margin 0.1), the rest are kept.
+    job.write_text(yaml.safe_dump({**spec, "rounds": 1, "filter": {**spec["filter"], "min_score": 0.129},
+                                   "review": {"images": 2, "margin": 0.1, "formats": ["cvat"], "wait": True}}))
+    first = runner.invoke(app, ["engine", "run", str(job)])
+    assert first.exit_code == 0, first.output
+    assert "round 1: waiting for review" in first.stderr and "round 1: retrain" not in first.stderr
+    out = tmp_path / "rounds"
+    manifest = json.loads((out / "round-1" / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["annotate", "filter", "review"] and manifest["review_export"]["images"] == 2
+    coco = json.loads((out / "round-1" / "review" / "cvat" / "instances.json").read_text())
+    exported = len(coco["annotations"])
+    assert exported >= 3 and len(coco["images"]) == 2
+
+    # The reviewer: deletes the first mask, moves the largest 2 px right, draws a 6 x 6 object in a corner.
+    annotations = coco["annotations"][1:]
+    largest = max(annotations, key=lambda a: a["area"])
+    image = next(im for im in coco["images"] if im["id"] == largest["image_id"])
+    size = (image["height"], image["width"])
+    moved = Rle.from_mask(np.roll(Rle.from_coco(largest["segmentation"], *size).to_mask(), 2, axis=1))
+    largest.update(segmentation=moved.to_coco(), area=moved.area(), bbox=list(moved.bbox()))
+    drawn = np.zeros(size, bool)
+    drawn[:6, :6] = True
+    new = Rle.from_mask(np.asfortranarray(drawn))
+    annotations.append({"id": 999, "image_id": image["id"], "category_id": largest["category_id"], "iscrowd": 1,
+                        "segmentation": new.to_coco(), "area": new.area(), "bbox": list(new.bbox())})
+    image_ids = {im["id"]: k + 1 for k, im in enumerate(coco["images"])}  # CVAT numbers its own way
+    label_ids = {c["id"]: k + 1 for k, c in enumerate(coco["categories"])}
+    for a in annotations:
+        a["image_id"], a["category_id"] = image_ids[a["image_id"]], label_ids[a["category_id"]]
+    corrected = tmp_path / "instances_default.json"
+    corrected.write_text(json.dumps({**coco, "annotations": annotations,
+                                     "images": [{**im, "id": image_ids[im["id"]]} for im in coco["images"]],
+                                     "categories": [{**c, "id": label_ids[c["id"]]} for c in coco["categories"]]}))
+
+    imported = runner.invoke(app, ["engine", "review", str(out), "1", str(corrected)])
+    assert imported.exit_code == 0, imported.output
+    counts = {"accepted": exported - 2, "changed": 1, "deleted": 1, "added": 1}
+    assert json.loads((out / "round-1" / "manifest.json").read_text())["reviewed"] == counts
+    again = runner.invoke(app, ["engine", "review", str(out), "1", str(corrected)])
+    assert again.exit_code == 2 and "imported already" in again.stderr
+
+    second = runner.invoke(app, ["engine", "run", str(job)])
+    assert second.exit_code == 0, second.output
+    assert "round 1: retrain" in second.stderr and "round 1: filter" not in second.stderr
+    manifest = json.loads((out / "round-1" / "manifest.json").read_text())
+    assert manifest["reviewed_labels"] == [str(out / "round-1" / "reviewed")] and manifest["reviewed"] == counts
+    train = json.loads((out / "round-1" / "train" / "train.json").read_text())
+    assert [source["uri"] for source in train["more_train"]] == [str(out / "round-1" / "reviewed")]
+    assert f"{counts['accepted']}/1/1/1" in runner.invoke(app, ["engine", "status", str(out)]).stdout
+
+
+def test_a_round_can_annotate_with_sam_proposals_given_classes_by_the_current_model(cluster, job, tmp_path):
+    """proposals on: a random SAM ViT-B (nothing downloaded) over a 2-image pool, 2 x 2 prompts, every mask kept;
+    the current model classifies them, the filter chooses among the classified proposals, retrain trains on them."""
+    from pipeline.io.shards import list_shards, read_shard
+
+    spec = yaml.safe_load(job.read_text())
+    (tmp_path / "pool").mkdir()
+    records = [r for shard in list_shards(spec["unlabeled"]) for r in read_shard(shard)][:2]
+    for record in records:
+        (tmp_path / "pool" / record.key).write_bytes(record.data)
+    job.write_text(yaml.safe_dump({
+        **{k: v for k, v in spec.items() if k != "audit"}, "rounds": 1, "unlabeled": str(tmp_path / "pool"),
+        "filter": {"min_score": None, "min_stability": None, "min_area": 16, "min_class_agreement": 0.2},
+        "proposals": {"model": "sam_vit_b", "random_weights": True, "points_per_side": 2, "pred_iou_thresh": 0.0,
+                      "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}}))
+    result = runner.invoke(app, ["engine", "run", str(job)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "rounds" / "round-1"
+    manifest = json.loads((out / "manifest.json").read_text())
+    proposals = manifest["proposals"]
+    assert proposals["model"] == "sam_vit_b" and proposals["proposals"] == 2 * 4 * 3  # 2 images x 4 prompts x 3
+    assert proposals["classified"] + proposals["unclassified"] == proposals["proposals"]
+    assert manifest["filter"]["candidates"] == proposals["classified"]  # the filter chose among SAM's proposals
+    decisions = pq.read_table(out / "filter" / "decisions").to_pylist()
+    assert all((d["class_agreement"] >= 0.2) == (d["rejected_by"] != "min_class_agreement") for d in decisions
+               if d["rejected_by"] in (None, "min_class_agreement"))
+    train = json.loads((out / "train" / "train.json").read_text())
+    assert train["pseudo"][0]["uri"] == str(out / "filter") and manifest["stages"]["promote"]["state"] == "done"

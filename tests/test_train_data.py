@@ -207,3 +207,24 @@ def test_images_missing_from_the_shards_are_named(dataset, tmp_path):
         read_encoded(data, list(data.examples[:2]))
     with pytest.raises(SegpipeError, match=rf"image '{data.examples[0].file_name}' is not under .*images \(nor 11 more\)"):
         check_images(data)
+
+
+def test_more_human_labels_join_the_human_stream(dataset):
+    """Reviewed labels (`more_train`) are human labels: with a pseudo ratio they share the human places of
+    every batch with `train`, indices counting train, then more_train, then the pseudo-labels."""
+    from dataclasses import replace
+
+    from pipeline.train.worker import sources
+
+    data = load_dataset(str(dataset / "annotations" / "panoptic_val.json"))  # 12 examples
+    human, reviewed = replace(data, examples=data.examples[:3]), replace(data, uri="reviewed", examples=data.examples[3:4])
+    pseudo = replace(data, uri="pseudo", examples=data.examples[4:])
+    plan = replace(_plan(human, batch_size=4), more_train=(reviewed,), pseudo=(pseudo,), pseudo_ratio=0.5)
+    assert [d.uri for d in sources(plan)] == [human.uri, "reviewed", "pseudo"]
+    batches = [[sample_index(plan, p)[0] for p in range(4 * b, 4 * b + 4)] for b in range(8)]
+    assert all(all(i >= 4 for i in batch[:2]) and all(i < 4 for i in batch[2:]) for batch in batches)
+    human_stream = [i for batch in batches for i in batch[2:]]
+    assert all(sorted(human_stream[4 * e:4 * e + 4]) == [0, 1, 2, 3] for e in range(4))  # index 3: the reviewed one
+    # Without more_train the same 4 examples as one human set give the same stream.
+    same = replace(plan, train=replace(data, examples=data.examples[:4]), more_train=())
+    assert [sample_index(same, p) for p in range(32)] == [sample_index(plan, p) for p in range(32)]

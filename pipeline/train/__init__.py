@@ -37,6 +37,9 @@ class TrainConfig:
     train_images: str | None = None
     """Where --train's images are (default: COCO's layout, or the infer run's input)."""
     val_images: str | None = None
+    more_train: tuple[str, ...] = ()
+    """More human labels beside `train`, in the same stream (COCO JSON in COCO's layout, or folders in the
+    predictions-table layout such as `segpipe review import` writes)."""
     pseudo: tuple[str, ...] = ()
     """Pseudo-label sources trained on beside `train` (`segpipe infer` or `segpipe filter` output folders)."""
     pseudo_ratio: float | None = None
@@ -82,7 +85,8 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
     check_model_name(config.model)
     # Local paths made absolute: Ray Train runs each worker in a folder of its own.
     config = replace(config, **{k: absolute(v) for k in ("train", "val", "out", "init", "train_images", "val_images")
-                                if (v := getattr(config, k)) is not None}, pseudo=tuple(absolute(p) for p in config.pseudo))
+                                if (v := getattr(config, k)) is not None}, pseudo=tuple(absolute(p) for p in config.pseudo),
+                     more_train=tuple(absolute(p) for p in config.more_train))
     if config.pseudo_ratio is not None and not (config.pseudo and 0 <= config.pseudo_ratio <= 1):
         raise SegpipeError("--pseudo-ratio: needs --pseudo, and lies in [0, 1]")
     if config.workers < 1 or config.batch_size < 1:
@@ -94,10 +98,11 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
         raise SegpipeError("give one of --steps and --epochs")
     train = load_dataset(config.train, config.train_images)
     val = load_dataset(config.val, config.val_images)
+    more_train = tuple(load_dataset(uri) for uri in config.more_train)
     pseudo = tuple(load_dataset(uri) for uri in config.pseudo)
-    for dataset in (train, val, *pseudo):
+    for dataset in (train, *more_train, val, *pseudo):
         check_images(dataset)
-    for dataset in (train, *pseudo):
+    for dataset in (train, *more_train, *pseudo):
         if family(config.model).kind == PANOPTIC and dataset.kind == "instances":
             raise SegpipeError(f"{dataset.uri}: COCO instances labels; {config.model} learns panoptic labels (things "
                                "and stuff): give a COCO panoptic file or a panoptic model's predictions")
@@ -105,14 +110,15 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
                        categories=tuple(train.categories) if config.init is None else None)
     adapter = load_model(config.model, settings)  # an unreadable or unfitting --init fails here, before Ray
     objective = objective_for(adapter)
-    for dataset in (train, *pseudo):
+    for dataset in (train, *more_train, *pseudo):
         if dataset.kind == "predictions" and not objective.ignores_unlabelled:
             raise SegpipeError(f"{dataset.uri}: pseudo-labels; {config.model} would learn the objects they leave out "
                                "(rejected or missed) as background: train segpipe_small on them, or give human labels")
-    for dataset in (train, val, *pseudo):
+    for dataset in (train, *more_train, val, *pseudo):
         check_categories(dataset, adapter.categories, f"{config.model}" + (f" (from {config.init})" if config.init else ""),
                          objective.things_only)
-    examples = len(train.examples) + sum(len(d.examples) for d in pseudo)
+    human = len(train.examples) + sum(len(d.examples) for d in more_train)
+    examples = human + sum(len(d.examples) for d in pseudo)
     steps = config.steps if config.steps is not None else math.ceil(config.epochs * examples / config.batch_size)
     if steps < 1:
         raise SegpipeError("--steps / --epochs give no training step")
@@ -123,6 +129,8 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
                 "learning_rate": config.learning_rate or objective.learning_rate, "warmup": min(config.warmup, steps),
                 "seed": config.seed, "checkpoint_every": config.checkpoint_every or max(1, math.ceil(steps / 5)),
                 "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "categories", "proposals")}}
+    if more_train:  # (absent otherwise, so earlier runs still resume)
+        identity["more_train"] = [{"uri": d.uri, "images": d.images, "fingerprint": d.fingerprint} for d in more_train]
     if pseudo:  # (absent otherwise, so runs from before pseudo-labels still resume)
         identity["pseudo"] = [{"uri": d.uri, "images": d.images, "fingerprint": d.fingerprint} for d in pseudo]
         identity["pseudo_ratio"] = config.pseudo_ratio
@@ -130,6 +138,7 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
     out = config.out.rstrip("/")
     new_run = _check_out(out, identity, config.resume)
     metadata = {"data": {"train": train.fingerprint, "val": val.fingerprint,
+                         **({"more_train": [d.fingerprint for d in more_train]} if more_train else {}),
                          **({"pseudo": [d.fingerprint for d in pseudo]} if pseudo else {})},
                 "code_version": version("segpipe"),
                 "run_id": hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16],
@@ -137,11 +146,11 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
     plan = Plan(model=config.model, settings=settings, train=train, val=val, steps=steps, batch_size=config.batch_size,
                 learning_rate=identity["learning_rate"], warmup=identity["warmup"], seed=config.seed,
                 checkpoint_every=identity["checkpoint_every"], log_every=config.log_every, threads=1, metadata=metadata,
-                pseudo=pseudo, pseudo_ratio=config.pseudo_ratio)
+                more_train=more_train, pseudo=pseudo, pseudo_ratio=config.pseudo_ratio)
     del adapter, objective
     progress(f"training {config.model} for {steps} steps (batch {config.batch_size} over {config.workers} "
-             f"workers) on {len(train.examples)} images"
-             + (f" and {examples - len(train.examples)} pseudo-labelled ones" if pseudo else "")
+             f"workers) on {human} images"
+             + (f" and {examples - human} pseudo-labelled ones" if pseudo else "")
              + (f" ({plan.pseudo_ratio:g} of each batch)" if pseudo and plan.pseudo_ratio is not None else "")
              + f"; validating on {len(val.examples)} every "
              f"{plan.checkpoint_every} steps")

@@ -45,6 +45,8 @@ class Plan:
     """torch threads per worker (its CPUs)."""
     metadata: dict = field(default_factory=dict)
     """Goes into every checkpoint's model.pt (data fingerprints, code version, run id, settings)."""
+    more_train: tuple[Dataset, ...] = ()
+    """More human labels (`segpipe review import` outputs): one stream with `train`."""
     pseudo: tuple[Dataset, ...] = ()
     """Pseudo-label sources (`segpipe infer` / `segpipe filter` outputs), trained on beside `train`."""
     pseudo_ratio: float | None = None
@@ -53,7 +55,7 @@ class Plan:
 
 def sources(plan: Plan) -> tuple[Dataset, ...]:
     """The training datasets, human labels first: a sample's index counts through them in this order."""
-    return (plan.train, *plan.pseudo)
+    return (plan.train, *plan.more_train, *plan.pseudo)
 
 
 def pseudo_per_batch(plan: Plan) -> int:
@@ -68,7 +70,7 @@ def sample_index(plan: Plan, position: int) -> tuple[int, bool]:
     With a pseudo ratio, the first k = round(ratio x batch) places of every global batch come from the
     pseudo-labels' own stream and the rest from the human labels' stream, so the mix stays fixed however
     many pseudo-labels there are; indices count human examples first."""
-    n_human = len(plan.train.examples)
+    n_human = sum(len(d.examples) for d in (plan.train, *plan.more_train))
     n_pseudo = sum(len(d.examples) for d in plan.pseudo)
     k = pseudo_per_batch(plan)
     if plan.pseudo_ratio is None or not n_pseudo:
