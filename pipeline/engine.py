@@ -94,7 +94,16 @@ def check_job(job: dict) -> None:
     if not any(shard.members or shard.kind != "folder" for shard in shards):
         raise SegpipeError(f"{job['unlabeled']}: the unlabeled pool holds no images")
     read_checkpoint(job["start"], job["model"])
-    proposals = job.get("proposals")
+    proposals, rules = job.get("proposals"), job["filter"]
+    needs_proposals = [key for key in ("min_class_agreement",) if rules[key] is not None]
+    if rules["tune"] == "min_class_agreement" and rules["target_precision"] is not None:
+        needs_proposals.append("tune: min_class_agreement")
+    if needs_proposals and not proposals:
+        raise SegpipeError(f"filter.{needs_proposals[0]}: needs proposals (only SAM's classified proposals have a "
+                           "class agreement)")
+    if proposals and (rules["min_flip_iou"] is not None or rules["tune"] == "min_flip_iou" and rules["target_precision"]
+                      is not None):
+        raise SegpipeError("filter.min_flip_iou: SAM's proposals have no flip agreement; drop the rule or the proposals")
     if proposals:
         if not proposals["weights"] and not proposals["random_weights"]:
             raise SegpipeError("proposals: give SAM's checkpoint as weights (it is never downloaded)")
@@ -138,7 +147,10 @@ def _claim(out: str, job: dict) -> None:
     uri = join(out, "engine.json")
     fs, path = url_to_fs(uri)
     if fs.exists(path):
-        if read_json(uri) != json.loads(json.dumps(job)):
+        stored = read_json(uri)  # with the defaults of this version (a key added since reads as its default)
+        stored.update({section: {**values, **stored.get(section, {})} for section, values in DEFAULTS.items()})
+        stored.update({section: {**values, **stored[section]} for section, values in OPTIONAL.items() if section in stored})
+        if stored != json.loads(json.dumps(job)):
             raise SegpipeError(f"{out}: holds another engine job; use another out, or delete it to start over")
         return
     write_json(uri, job)
@@ -167,10 +179,13 @@ def _round(job: dict, out: str, number: int, previous: dict, progress: Callable[
     for stage in stages(job):
         if manifest["stages"].get(stage, {}).get("state") == "done":
             continue
-        if stage == "retrain" and job.get("review", {}).get("wait") and not _imported(folder):
+        if (stage == "retrain" and job.get("review", {}).get("wait") and manifest["review_export"]["images"]
+                and not _imported(folder)):
             progress(f"round {number}: waiting for review: correct {join(folder, 'review')} in CVAT or Label "
                      f"Studio, then `segpipe engine review {out} {number} CORRECTED.json` and run the job again")
-            return {**manifest, "waiting": True}
+            manifest["waiting"] = True
+            _save(uri, manifest)
+            return manifest
         progress(f"round {number}: {stage}")
         start = time.perf_counter()
         manifest.update(_STAGE[stage](job, folder, current, manifest))
@@ -243,19 +258,28 @@ def _filter(job: dict, folder: str, current: str, manifest: dict) -> dict:
 
 
 def _review(job: dict, folder: str, current: str, manifest: dict) -> dict:
-    from pipeline.review import ExportConfig, export
+    from pipeline.review import ExportConfig, NothingToReview, export
 
     options = job["review"]
-    exported = export(ExportConfig(filtered=join(folder, "filter"), out=join(folder, "review"),
-                                   images=options["images"], margin=options["margin"], prefill=options["prefill"],
-                                   formats=tuple(options["formats"]), image_url=options["image_url"]))
+    try:
+        exported = export(ExportConfig(filtered=join(folder, "filter"), out=join(folder, "review"),
+                                       images=options["images"], margin=options["margin"], prefill=options["prefill"],
+                                       formats=tuple(options["formats"]), image_url=options["image_url"]))
+    except NothingToReview:  # no near miss this round: nothing to export, nothing to wait for
+        return {"review_export": {"images": 0, "masks": {"borderline": 0, "kept": 0, "empty_left_out": 0}}}
     return {"review_export": {"images": len(exported["images"]), "masks": exported["masks"]}}
 
 
 def _imported(folder: str) -> bool:
-    """Whether people's corrections of the round's review export have been imported."""
-    fs, path = url_to_fs(join(folder, "reviewed", "review.json"))
+    """Whether people's corrections of the round's review export have been imported (wholly: run.json is the
+    import's last file)."""
+    fs, path = url_to_fs(join(folder, "reviewed", "run.json"))
     return fs.exists(path)
+
+
+def _reviewed_labels(folder: str) -> bool:
+    """Whether the round's imported corrections hold any mask (a review that deleted everything holds none)."""
+    return _imported(folder) and read_json(join(folder, "reviewed", "review.json"))["returned_masks"] > 0
 
 
 def import_review(out: str, number: int, corrected: str) -> dict:
@@ -266,13 +290,19 @@ def import_review(out: str, number: int, corrected: str) -> dict:
 
     folder = join(out.rstrip("/"), f"round-{number}")
     uri = join(folder, "manifest.json")
-    if not url_to_fs(uri)[0].exists(url_to_fs(uri)[1]) or "review" not in read_json(uri)["stages"]:
+    if not url_to_fs(uri)[0].exists(url_to_fs(uri)[1]) or "review" not in read_json(uri).get("stages", {}):
         raise SegpipeError(f"{folder}: no review export to import corrections for (is the job's review on, and "
                            "has the round filtered?)")
-    if _imported(folder):
-        raise SegpipeError(f"{folder}: its review was imported already ({join(folder, 'reviewed')})")
-    summary = read_corrections(join(folder, "review"), corrected, join(folder, "reviewed"))
+    if not read_json(uri)["review_export"]["images"]:
+        raise SegpipeError(f"{folder}: its review export is empty (no near miss that round)")
     manifest = read_json(uri)
+    if _imported(folder):
+        if "reviewed" in manifest:
+            raise SegpipeError(f"{folder}: its review was imported already ({join(folder, 'reviewed')})")
+        summary = read_json(join(folder, "reviewed", "review.json"))  # imported, but stopped before the manifest
+    else:
+        summary = read_corrections(join(folder, "review"), corrected, join(folder, "reviewed"))
+        manifest = read_json(uri)
     manifest["reviewed"] = {k: summary[k] for k in ("accepted", "changed", "deleted", "added")}
     write_json(uri, manifest)
     return summary
@@ -290,7 +320,7 @@ def _retrain(job: dict, folder: str, current: str, manifest: dict) -> dict:
     if "reviewed_labels" not in manifest:  # fixed when the stage first starts, so a resumed retrain sees the same
         root = folder.rsplit("/", 1)[0]
         manifest["reviewed_labels"] = [join(root, f"round-{r}", "reviewed") for r in range(1, manifest["round"] + 1)
-                                       if _imported(join(root, f"round-{r}"))]
+                                       if _reviewed_labels(join(root, f"round-{r}"))]
         _save(join(folder, "manifest.json"), manifest)
     result = train(TrainConfig(train=job["labeled"], val=job["heldout"], model=job["model"], out=out, init=current,
                                train_images=job.get("labeled_images"), val_images=job.get("heldout_images"),

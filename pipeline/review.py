@@ -10,6 +10,7 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from pipeline.errors import SegpipeError
@@ -20,7 +21,13 @@ from pipeline.io.tables import parquet_files, read_columns, read_predictions, wr
 from pipeline.structures import ImagePrediction, Rle, Segment
 
 FORMATS = ("cvat", "label-studio")
-SIGNALS = {"min_score": "score", "min_stability": "stability", "min_flip_iou": "flip_iou"}
+
+
+class NothingToReview(SegpipeError):
+    """No candidate was a near miss: nothing is worth a person's look (the engine's review stage goes on)."""
+
+SIGNALS = {"min_score": "score", "min_stability": "stability", "min_flip_iou": "flip_iou",
+           "min_class_agreement": "class_agreement"}
 """The rules whose near misses are worth a person's look: a signal a little below its threshold."""
 MATCH_IOU = 0.5
 """A returned mask and an exported one are the same object when their IoU is at least this (PQ's match)."""
@@ -71,7 +78,7 @@ def export(config: ExportConfig) -> dict:
     chosen = (_named_images(config.only, source["pred"]) if config.only
               else sorted(doubt, key=lambda image: (-doubt[image], image))[:config.images])
     if not chosen:
-        raise SegpipeError(f"{config.filtered}: no candidate was rejected within --margin {config.margin} of its "
+        raise NothingToReview(f"{config.filtered}: no candidate was rejected within --margin {config.margin} of its "
                            "threshold; widen --margin or name images with --image")
     predictions = read_predictions(parquet_files(join(source["pred"], "predictions")), chosen)
     predictions.sort(key=lambda p: (-doubt[p.image_id], chosen.index(p.image_id)))
@@ -122,9 +129,9 @@ def _filter_output(filtered: str) -> dict:
 def _origins(filtered: str, rules: FilterRules, margin: float, prefill: bool) -> dict[tuple[int, int], str]:
     """(image id, segment id) -> "borderline" or "kept" (with `prefill`), for the candidates worth exporting."""
     columns = ["image_id", "segment_id", "category_id", "score", "stability", "flip_iou", "kept", "rejected_by"]
-    decisions = pa.concat_tables(read_columns(f, columns) for f in parquet_files(join(filtered, "decisions")))
     origin = {}
-    for row in decisions.to_pylist():
+    for row in (row for f in parquet_files(join(filtered, "decisions"))
+                for row in read_columns(f, columns + _since_version_2(f)).to_pylist()):
         if row["kept"] and prefill:
             origin[(row["image_id"], row["segment_id"])] = "kept"
         elif not row["kept"] and _borderline(row, rules, margin):
@@ -143,10 +150,16 @@ def _check_categories(categories: list[dict], where: str) -> None:
         raise SegpipeError(f"{where}: category id 0; CVAT's COCO importer reads it as 'no label'")
 
 
+def _since_version_2(uri: str) -> list[str]:
+    """class_agreement, where the decisions table has it (version 2 on)."""
+    fs, path = url_to_fs(uri)
+    return ["class_agreement"] if "class_agreement" in pq.read_schema(path, filesystem=fs).names else []
+
+
 def _borderline(row: dict, rules: FilterRules, margin: float) -> bool:
     """Rejected by a signal rule, the signal within `margin` below that rule's threshold for the class."""
     signal = SIGNALS.get(row["rejected_by"])
-    if signal is None or row[signal] is None:
+    if signal is None or row.get(signal) is None:
         return False
     threshold = getattr(rules.of(row["category_id"]), row["rejected_by"])
     return threshold - margin <= row[signal] < threshold
@@ -439,7 +452,8 @@ def _from_coco(corrected: str, manifest: dict) -> dict[int, list[Returned]]:
     if kind != "instances":
         raise SegpipeError(f"{corrected}: COCO {kind}; export COCO 1.0 (instances) from CVAT")
     frames, names = _by_name(manifest)
-    category = {c["id"]: _category(names, c["name"], corrected) for c in coco["categories"]}
+    used = {a["category_id"] for a in coco["annotations"]}  # a task may hold labels nobody used
+    category = {c["id"]: _category(names, c["name"], corrected) for c in coco["categories"] if c["id"] in used}
     images = {}
     for im in coco["images"]:
         image = _image(frames, im["file_name"], corrected)
@@ -490,7 +504,10 @@ def _ls_mask(result: dict, image: dict, file: str) -> tuple[str, Rle] | None:
         raise SegpipeError(f"{where}: drawn on a {result['original_height']}x{result['original_width']} image, the "
                            f"export's is {height}x{width}")
     if kind == "polygonlabels":
-        points = [v for x, y in value["points"] for v in (x * width / 100, y * height / 100)]
+        corners = value.get("points")
+        if not isinstance(corners, list) or len(corners) < 3:
+            raise SegpipeError(f"{where}: a polygon needs at least 3 points")
+        points = [v for x, y in corners for v in (x * width / 100, y * height / 100)]
         return labels[0], Rle.from_coco([points], height, width)
     try:
         return labels[0], Rle.from_mask(ls_rle_decode(value["rle"], height, width))

@@ -93,6 +93,9 @@ def test_a_bad_job_is_one_line_before_any_work(dataset, job, tmp_path):
         ({**spec, "proposals": {"model": "sam_vit_b", "weights": "none.pth"}}, "none.pth: no such file (proposals.weights)"),
         ({**spec, "proposals": {"model": "sam_vit_x", "weights": "x.pth"}}, "proposals.model: 'sam_vit_x' is not one of"),
         ({**spec, "review": {"wait": "yes"}}, "review.wait: 'yes' is not of type 'boolean'"),
+        ({**spec, "filter": {"min_class_agreement": 0.5}}, "filter.min_class_agreement: needs proposals"),
+        ({**spec, "filter": {"min_flip_iou": 0.5}, "proposals": {"model": "sam_vit_b", "random_weights": True}},
+         "filter.min_flip_iou: SAM's proposals have no flip agreement"),
         ({**spec, "review": {"formats": ["cvat", "labelbox"]}}, "review.formats.1: 'labelbox' is not one of"),
     ]
     for content, message in cases:
@@ -181,6 +184,7 @@ def test_a_round_hands_the_doubtful_to_people_waits_and_trains_on_their_correcti
     out = tmp_path / "rounds"
     manifest = json.loads((out / "round-1" / "manifest.json").read_text())
     assert list(manifest["stages"]) == ["annotate", "filter", "review"] and manifest["review_export"]["images"] == 2
+    assert manifest["waiting"] and "waiting" in runner.invoke(app, ["engine", "status", str(out)]).stdout
     coco = json.loads((out / "round-1" / "review" / "cvat" / "instances.json").read_text())
     exported = len(coco["annotations"])
     assert exported >= 3 and len(coco["images"]) == 2

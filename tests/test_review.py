@@ -9,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.errors import SegpipeError
 from pipeline.filtering import FilterRules, Thresholds, run
 from pipeline.io.tables import write_predictions
 from pipeline.review import ls_rle_decode, ls_rle_encode
@@ -378,3 +379,13 @@ def test_an_unchanged_review_of_a_synthetic_pool_in_tar_shards_is_all_accepted(d
     assert len(manifest["images"]) == 3 and shown > 3
     assert (summary["accepted"], summary["changed"], summary["deleted"], summary["added"]) == (shown, 0, 0, 0)
     check_images(load_dataset(str(tmp_path / "labels")))  # every labelled image is in the shards
+
+
+def test_a_label_studio_polygon_of_fewer_than_3_points_is_one_line():
+    from pipeline.review import _ls_mask
+
+    image = {"frame": "a.png", "height": 10, "width": 10}
+    for points in ([[10, 20], [30, 40]], [[10, 20], [30, 40], [50, 60]][:1], None):
+        result = {"id": "r", "type": "polygonlabels", "value": {"polygonlabels": ["car"], **({"points": points} if points else {})}}
+        with pytest.raises(SegpipeError, match="r': a polygon needs at least 3 points"):
+            _ls_mask(result, image, "export.json")

@@ -228,3 +228,26 @@ def test_more_human_labels_join_the_human_stream(dataset):
     # Without more_train the same 4 examples as one human set give the same stream.
     same = replace(plan, train=replace(data, examples=data.examples[:4]), more_train=())
     assert [sample_index(same, p) for p in range(32)] == [sample_index(plan, p) for p in range(32)]
+
+
+def test_a_segment_painted_over_entirely_is_no_training_target(dataset):
+    """Rows paint in order (classified proposals come largest first): a whole covered by its parts has no pixel
+    left, and is dropped rather than handed to the loss as an empty instance (whose centre would be NaN)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.structures import Rle
+    from pipeline.train.data import Dataset, Example
+
+    whole, left, right = (np.zeros((8, 8), bool) for _ in range(3))
+    whole[2:6, 2:6], left[2:6, 2:4], right[2:6, 4:6] = True, True, True
+    rows = tuple({"id": k, "category_id": 1, "iscrowd": 0, "rle": Rle.from_mask(np.asfortranarray(m)).counts}
+                 for k, m in ((70, whole), (71, left), (72, right)))
+    data = Dataset("pseudo", "predictions", ({"id": 1, "name": "a", "isthing": 1},),
+                   (Example(1, "a.png", 8, 8, rows),), "images", None, "x")
+    encoded = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(encoded, format="PNG")
+    sample = decode(data, data.examples[0], encoded.getvalue(), None)
+    assert [s["id"] for s in sample.segments] == [2, 3]  # rows 2 and 3; row 1 (the whole) is covered
+    assert np.array_equal(sample.ids == 2, left) and np.array_equal(sample.ids == 3, right)

@@ -112,8 +112,9 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
     objective = objective_for(adapter)
     for dataset in (train, *more_train, *pseudo):
         if dataset.kind == "predictions" and not objective.ignores_unlabelled:
-            raise SegpipeError(f"{dataset.uri}: pseudo-labels; {config.model} would learn the objects they leave out "
-                               "(rejected or missed) as background: train segpipe_small on them, or give human labels")
+            raise SegpipeError(f"{dataset.uri}: partial labels (pseudo-labels or reviewed masks); {config.model} would "
+                               "learn the objects they leave out (rejected or missed) as background: train "
+                               "segpipe_small on them, or give complete human labels")
     for dataset in (train, *more_train, val, *pseudo):
         check_categories(dataset, adapter.categories, f"{config.model}" + (f" (from {config.init})" if config.init else ""),
                          objective.things_only)

@@ -209,4 +209,6 @@ def decode(dataset: Dataset, example: Example, image: bytes, png: bytes | None) 
             ids[Rle.from_coco({"size": [example.height, example.width], "counts": row["rle"]},
                               example.height, example.width).to_mask()] = k + 1
             segments.append({"id": k + 1, "category_id": row["category_id"], "iscrowd": row["iscrowd"]})
-    return Sample(example.image_id, rgb, ids, segments)
+    # A segment painted over entirely (a whole object under its parts) is no target: it has no pixel to learn.
+    visible = np.bincount(ids.ravel(), minlength=len(segments) + 1) > 0
+    return Sample(example.image_id, rgb, ids, [s for s in segments if visible[s["id"]]])
