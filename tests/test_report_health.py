@@ -234,3 +234,14 @@ def test_global_checks_count_categories_and_check_predictions(synth):
     }
     counts = [sum(a["category_id"] == c["id"] for a in coco["annotations"]) for c in coco["categories"][:6]]
     assert result["summary"]["imbalance_ratio"] == max(counts) / n_rare
+
+
+def test_a_finding_counts_everything_and_lists_the_first_50_ids_across_shards(synth):
+    coco = _load(synth, "instances", "val")
+    top = max(a["id"] for a in coco["annotations"])
+    coco["annotations"] += [{"id": top + k, "image_id": 1 + k % 40, "category_id": 1, "iscrowd": 0, "area": 0,
+                             "bbox": [0, 0, 0, 4]} for k in range(1, 81)]
+    result = health([("val", "instances", coco, None, None)], shard_size=3)
+    count, ids = found(result)["degenerate_bbox"]
+    # image order: image 1 holds top+40 and top+80, image 2 top+1 and top+41, ...
+    assert count == 80 and ids == [top + 40, top + 80] + [top + k + d for k in range(1, 25) for d in (0, 40)]

@@ -103,17 +103,18 @@ class Found:
     count: int = 0
     ids: list = field(default_factory=list)
     example: str | None = None  # the first problem's own message, where segpipe validate wrote one
+    limit: int = HealthSettings.ids_listed  # ids kept
 
-    def add(self, ident: object, example: str | None = None, limit: int = HealthSettings.ids_listed) -> None:
+    def add(self, ident: object, example: str | None = None) -> None:
         self.count += 1
-        if len(self.ids) < limit:
+        if len(self.ids) < self.limit:
             self.ids.append(ident)
         if self.example is None:
             self.example = example
 
     def __iadd__(self, other: Found) -> Found:
         self.count += other.count
-        self.ids = (self.ids + other.ids)[:max(len(self.ids), HealthSettings.ids_listed)]
+        self.ids = (self.ids + other.ids)[:self.limit]
         self.example = self.example if self.example is not None else other.example
         return self
 
@@ -159,7 +160,7 @@ class _Findings(dict):
         self.limit = settings.ids_listed
 
     def add(self, check: str, ident: object, example: str | None = None) -> None:
-        self.setdefault(check, Found()).add(ident, example, self.limit)
+        self.setdefault(check, Found(limit=self.limit)).add(ident, example)
 
 
 def _names(groups: tuple[str, ...], kind: str) -> list[str]:
@@ -432,7 +433,7 @@ def merge(global_result: dict | list[dict], parts: list[HealthPart], splits: lis
     shards' parts (in image order within each split). `splits` orders the splits (default: as given)."""
     results = [global_result] if isinstance(global_result, dict) else list(global_result)
     order = list(splits or dict.fromkeys([r["split"] for r in results] + [p.split for p in parts]))
-    found: dict[tuple[str, str | None], Found] = defaultdict(Found)  # (check, split) -> Found
+    found: dict[tuple[str, str | None], Found] = defaultdict(lambda: Found(limit=settings.ids_listed))  # (check, split)
     checked = set()
     for source in [*results, *(vars(p) for p in parts)]:
         checked.update(source["checked"])
@@ -451,7 +452,7 @@ def merge(global_result: dict | list[dict], parts: list[HealthPart], splits: lis
                 continue
             line = detail.format(**vars(settings)) + (f"; first: {f.example}" if f.example else "")
             findings.append({"check": check, "group": group, "severity": severity, "split": split,
-                             "count": f.count, "ids": f.ids[:settings.ids_listed], "detail": line})
+                             "count": f.count, "ids": f.ids, "detail": line})
     counts = {group: sum(f["count"] for f in findings if f["group"] == group) for group in GROUPS
               if any(CHECKS[c][0] == group for c in checked)}
     return {"findings": findings, "counts": counts, "checked": [c for c in CHECKS if c in checked],
@@ -471,14 +472,14 @@ def _image_duplicates(found: dict, fingerprints: list[tuple[str, Fingerprint]], 
         first_in = {}
         for split, image_id in members:
             if split in first_in:
-                found["duplicate_image", split].add([first_in[split], image_id], limit=settings.ids_listed)
+                found["duplicate_image", split].add([first_in[split], image_id])
             elif first_in:
                 first_split, first_id = members[0]
-                found["leaked_image", None].add([[first_split, first_id], [split, image_id]], limit=settings.ids_listed)
+                found["leaked_image", None].add([[first_split, first_id], [split, image_id]])
             first_in.setdefault(split, image_id)
     hashes = np.asarray([f.phash for _, f in fingerprints], np.uint64)
     shas = [f.sha256 for _, f in fingerprints]
-    block = 256  # rows compared at once: memory stays at block x n bytes however many images
+    block = 256  # rows compared at once: 8 x block x n bytes of distances, however many images
     for start in range(0, len(hashes), block):
         distance = np.bitwise_count(hashes[start:start + block, None] ^ hashes[None, :])
         for i, j in zip(*np.nonzero(distance <= settings.phash_distance)):
@@ -487,7 +488,6 @@ def _image_duplicates(found: dict, fingerprints: list[tuple[str, Fingerprint]], 
                 continue
             (split_i, a), (split_j, b) = fingerprints[i], fingerprints[j]
             if split_i == split_j:
-                found["near_duplicate_image", split_i].add([a.image_id, b.image_id], limit=settings.ids_listed)
+                found["near_duplicate_image", split_i].add([a.image_id, b.image_id])
             else:
-                found["leaked_near_duplicate", None].add([[split_i, a.image_id], [split_j, b.image_id]],
-                                                         limit=settings.ids_listed)
+                found["leaked_near_duplicate", None].add([[split_i, a.image_id], [split_j, b.image_id]])
