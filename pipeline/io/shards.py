@@ -101,6 +101,20 @@ def read_shard(shard: Shard, columns: ParquetColumns = ParquetColumns()) -> Iter
         raise ValueError(f"unknown shard kind {shard.kind!r}")
 
 
+def read_named(uri: str, names: set[str]) -> Iterator[ImageRecord]:
+    """The images under `uri` whose keys are in `names`, streamed: a folder's other files are never opened,
+    tar and Parquet shards are read through."""
+    for shard in list_shards(uri):
+        if shard.kind == "folder":
+            members = tuple(m for m in shard.members if m in names)
+            if not members:
+                continue
+            shard = Shard("folder", shard.uri, members)
+        for record in read_shard(shard):
+            if record.key in names:
+                yield record
+
+
 def _read_parquet(fs, path: str, uri: str, columns: ParquetColumns) -> Iterator[ImageRecord]:
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)

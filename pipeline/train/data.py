@@ -12,7 +12,7 @@ import pyarrow as pa
 from pipeline.errors import SegpipeError
 from pipeline.io.decode import ImageDecodeError, decode_image
 from pipeline.io.fs import join, parse_json, read_bytes, read_json, url_to_fs
-from pipeline.io.shards import Shard, list_shards, read_shard
+from pipeline.io.shards import list_shards, read_named, read_shard
 from pipeline.structures import Rle, decode_panoptic_png
 
 
@@ -142,16 +142,7 @@ def check_categories(dataset: Dataset, model_categories: list[dict], model: str,
 def read_encoded(dataset: Dataset, examples: list[Example]) -> list[tuple[bytes, bytes | None]]:
     """(image bytes, PNG bytes or None) of `examples`, read once; images missing from the shards are an error."""
     wanted = {e.file_name for e in examples}
-    found: dict[str, bytes] = {}
-    for shard in list_shards(dataset.images):
-        if shard.kind == "folder":
-            members = tuple(m for m in shard.members if m in wanted)
-            if not members:
-                continue
-            shard = Shard("folder", shard.uri, members)
-        for record in read_shard(shard):
-            if record.key in wanted:
-                found[record.key] = record.data
+    found = {record.key: record.data for record in read_named(dataset.images, wanted)}
     _missing(dataset, wanted - found.keys())
     pngs = [read_bytes(join(dataset.png_dir, e.png)) if e.png else None for e in examples]
     return [(found[e.file_name], png) for e, png in zip(examples, pngs)]
