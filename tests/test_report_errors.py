@@ -229,6 +229,9 @@ def test_pq_and_ap_per_class_equal_segpipe_eval(tmp_path):
     assert section["pq"]["per_class"] == json.loads(json.dumps(expected["per_class"]))
     assert section["pq"]["All"] == expected["All"]
     assert section["miou"] == json.loads(json.dumps(expected["semantic"]))
+    errors, per_class = section["panoptic_errors"], section["pq"]["per_class"].values()
+    assert sum(v["fn"] for v in errors.values()) == sum(c["fn"] for c in per_class) > 0  # every PQ error typed
+    assert sum(v["fp"] for v in errors.values()) == sum(c["fp"] for c in per_class) > 0
 
     instances = _section(truth, predictions, panoptic=False, shards=3)
     annotations = [{"id": 100 * t.image_id + s.id, "image_id": t.image_id, "category_id": s.category_id,

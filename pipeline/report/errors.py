@@ -1,4 +1,4 @@
-"""Model errors for the report: per-class metrics, confusion, calibration, TIDE, panoptic error split, label-error candidates."""
+"""Model errors for the report: per-class metrics, confusion, calibration, TIDE, panoptic error split, label-error candidates.
 
 Each shard of images maps to an `ErrorsPart` of statistics that add (counts, exact PQ sums, a few numbers
 per detection, the best candidates and worst images of the shard); `merge_errors` adds the parts in order
@@ -171,11 +171,11 @@ def shard_errors(truth: list[ImagePrediction], predictions: list[ImagePrediction
     for image in truth:
         pred = by_image.get(image.image_id)
         pairs = _Pairs.of(image, pred.segments if pred else (), index, panoptic)
-        tide = _tide(pairs)
-        rows += tide[0]
+        detections, missed_categories, unmatched_categories = _tide(pairs)
+        rows += detections
         np.add.at(positives, pairs.g_cls[~pairs.g_crowd], 1)
-        np.add.at(missed, tide[1], 1)
-        np.add.at(unmatched, tide[2], 1)
+        np.add.at(missed, missed_categories, 1)
+        np.add.at(unmatched, unmatched_categories, 1)
         matched, ignored = _class_matches(pairs)
         _confuse(pairs, ignored, settings.confident, confusion)
         if panoptic:
