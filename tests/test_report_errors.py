@@ -164,6 +164,15 @@ def test_missed_hallucinated_and_bad_boundary():
     assert candidate["evidence"] == pytest.approx(0.8 * (1 - 0.7))
 
 
+@pytest.mark.parametrize("panoptic", [True, False])
+def test_a_prediction_inside_a_crowd_is_no_error(panoptic):
+    truth = [_image(1, [(1, 0, 0, 10, 10), (1, 20, 0, 40, 30)], crowd=(2,))]
+    predictions = [_image(1, [(1, 0, 0, 10, 10), (1, 25, 5, 35, 15)], scores=[0.9, 0.8])]
+    section = _section(truth, predictions, panoptic)
+    assert section["candidates"] == [] and set(section["tide"]["counts"].values()) == {0}
+    assert section["confusion"]["matrix"][0] == [1, 0, 0, 0] and section["tide"]["ap50"] == 100.0
+
+
 # --- equal to segpipe eval and to tidecv ---------------------------------------------------------------------
 
 
