@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile .ci/constraints.txt
 	$(PIP) --upgrade pip
 	$(PIP) -c .ci/constraints.txt $(TORCH) '$(RAY)'
 	$(PIP) -c .ci/constraints.txt -e '.[dev]'
+	$(PIP) -c .ci/constraints.txt --no-deps tidecv
 	touch $(STAMP)
 
 test: $(STAMP)
