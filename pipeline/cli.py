@@ -603,5 +603,25 @@ def bench_infer(
     typer.echo(f"report: {out}")
 
 
+@bench_app.command("report")
+@_user_errors
+def bench_report(
+    data: Annotated[str, typer.Option(help="Folder for the synthetic datasets and predictions (made once, then reused).")] = "bench-report-data",
+    images: Annotated[str, typer.Option(help="Dataset sizes to measure, comma-separated.")] = "2500,10000",
+    size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "128x128",
+    workers: Workers = 1,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 500,
+    out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-report.json",
+) -> None:
+    """segpipe report on synthetic data of several sizes (two prediction sets compared): wall time and peak memory."""
+    from pathlib import Path
+
+    from pipeline.bench_report import run
+
+    height, width = _size(size)
+    run(Path(data), _counts(images, "--images"), height, width, workers, shard_size, Path(out), echo=typer.echo)
+    typer.echo(f"report: {out}")
+
+
 def main() -> None:
     app()
