@@ -202,3 +202,19 @@ def test_page_check_fails_on_each_planted_fault(page, tmp_path, planted):
     broken = tmp_path / "broken.html"
     broken.write_text(open(page).read().replace("<h2>Contents</h2>", planted + "<h2>Contents</h2>", 1))
     assert _page_check(broken) == "failed"
+
+
+def _count_segments(data, context):
+    return sum(len(image.segments) for image in data.truth)
+
+
+def test_a_section_plugs_in_with_one_line(tiny, tmp_path, monkeypatch):
+    """The contract health and errors use: a (shard, merge) pair, optionally a driver-side start."""
+    import pipeline.report as report
+
+    gt, pred, compare = tiny
+    extra = report.Section("counted", _count_segments, lambda parts, context, started: {"parts": parts, "start": started},
+                           start=lambda truth: len(truth.images))
+    monkeypatch.setattr(report, "SECTIONS", (*report.SECTIONS, extra))
+    data = run(ReportConfig(gt, str(tmp_path / "out"), shard_size=1, thumbnails=0)).data
+    assert data["counted"] == {"parts": [2, 3], "start": 2}

@@ -2,8 +2,10 @@
 
 Each section of the report is a pair of functions: `shard(data, context) -> part`, run where the shard
 runs (this process, local workers or a Ray task; `map_shards`), and `merge(parts, context) -> dict`,
-run on the driver over the parts in shard order. A shard's images are read once and handed to every
-section, so memory holds one shard (plus each section's small part) per worker.
+run on the driver over the parts in shard order; its dict is the section's key in report.json. A section
+may also have `start(truth)`, run once on the driver before the shards (whole-file checks), whose result
+its merge gets as a third argument. A shard's images are read once and handed to every section, so
+memory holds one shard (plus each section's small part) per worker.
 """
 
 from __future__ import annotations
@@ -77,24 +79,24 @@ class Section:
 
     name: str
     shard: Callable[[ShardData, Context], Any]
-    merge: Callable[[list, Context], dict]
+    merge: Callable[..., dict]  # merge(parts, context), or merge(parts, context, started) with `start`
     needs_predictions: bool = False
+    start: Callable[[Truth], Any] | None = None  # on the driver, before the shards
 
 
 SECTIONS: tuple[Section, ...] = (
     Section("contents", contents.shard, contents.merge),
     Section("comparison", compare.shard, compare.merge, needs_predictions=True),
     Section("thumbnails", thumbnails.shard, thumbnails.merge),
-    # --- integration points (one line each, same shape) ------------------------------------------
-    # health (pipeline/report/health.py): its global checks run once on the driver before the shards
-    # (see `run`); then
-    #   Section("health", health_shard, health_merge)
-    # where health_shard(data, context) = health.shard_checks(HealthShard(...data.truth...)) and
-    # health_merge(parts, context) = health.merge(context_global, parts, ...).
+    # --- integration points: one line each, same shape (functions at module level, so workers find them) --
+    # health (pipeline/report/health.py):
+    #   Section("health", _health_shard, lambda parts, c, started: health.merge(started, parts, ...),
+    #           start=lambda truth: health.global_checks(truth.coco, truth.kind)),
+    #   with _health_shard(data, context) = health.shard_checks(HealthShard(...from data.images / data.truth...))
     # errors (pipeline/report/errors.py):
-    #   Section("errors", lambda data, c: errors.shard_errors(data.truth, data.predictions, c.categories,
-    #           c.kind == "panoptic"), lambda parts, c: errors.merge_errors(parts, c.categories, c.kind == "panoptic"),
-    #           needs_predictions=True)
+    #   Section("errors", _errors_shard, lambda parts, c: errors.merge_errors(parts, c.categories, c.kind == "panoptic"),
+    #           needs_predictions=True),
+    #   with _errors_shard(data, c) = errors.shard_errors(data.truth, data.predictions, c.categories, c.kind == "panoptic")
 )
 
 
@@ -129,10 +131,10 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
     progress(f"reading {config.dataset}")
     truth = open_truth(config.dataset)
     predictions = [open_predictions(uri, truth) for uri in (config.pred, config.compare) if uri]
-    # health: `global_checks = health.global_checks(truth.coco, truth.kind)` goes here, on the driver.
     context = Context(truth.kind, tuple(truth.categories), ("pred", "compare")[:len(predictions)], config.resamples,
                       config.seed, _spread(truth.images, config.thumbnails), config.images or _image_folder(truth))
     sections = tuple(s.name for s in SECTIONS if predictions or not s.needs_predictions)
+    started = {s.name: s.start(truth) for s in SECTIONS if s.start is not None and s.name in sections}
     shards = _shards(truth, predictions, context, sections, config.shard_size)
     total = len(truth.images)
     progress(f"{total:,} images in {len(shards)} shards of up to {config.shard_size}")
@@ -147,7 +149,9 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
     for section in SECTIONS:
         if section.name in sections:
             progress(f"merging {section.name}")
-            data[section.name] = section.merge([p[section.name] for p in parts], context)
+            merged = [p[section.name] for p in parts]
+            data[section.name] = (section.merge(merged, context, started[section.name]) if section.name in started
+                                  else section.merge(merged, context))
     progress("writing the report")
     page = html.render(data)
     html_uri, json_uri = join(config.out, "report.html"), join(config.out, "report.json")
