@@ -2,8 +2,9 @@
 
 Each size gets its own synthetic panoptic split (made once, reused) and two prediction sets made from it by
 `synth.perturb_panoptic`; the report (contents, comparison of the two sets with 1,000 resamples, thumbnails)
-runs in a fresh process, which reports its own peak RSS and its workers'. Memory that does not grow with the
-images is the point: a shard's images are what a worker holds.
+runs in a fresh process, which reports its own peak RSS and its workers'. Inputs as COCO JSON (+ PNGs), whose
+files the driver parses whole (as `segpipe eval` does), or as dataset tables (`segpipe convert`), which it
+reads a shard at a time: with tables, memory that does not grow with the images is the point.
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ def prepare(data: Path, images: int, height: int, width: int) -> dict:
     return {"dataset": gt, "pred": pred, "compare": compare, "images": str(data / "val")}
 
 
+def as_tables(inputs: dict, data: Path) -> dict:
+    """The same inputs as dataset tables (`segpipe convert`, made once)."""
+    from pipeline.convert import convert
+
+    tables = {}
+    for key in ("dataset", "pred", "compare"):
+        folder = data / f"{key}-table"
+        if not (folder / "segments.parquet").exists():
+            convert(inputs[key], str(folder))
+        tables[key] = str(folder)
+    return {**inputs, **tables}
+
+
 def measure(inputs: dict, out: Path, workers: int, shard_size: int) -> dict:
     """One report in a fresh process: its wall time (imports excluded) and peak memory."""
     config = {**inputs, "out": str(out), "workers": workers, "shard_size": shard_size}
@@ -55,17 +69,20 @@ def measure(inputs: dict, out: Path, workers: int, shard_size: int) -> dict:
 
 
 def run(data: Path, sizes: list[int], height: int, width: int, workers: int, shard_size: int, out: Path,
-        echo=print) -> dict:
-    """Measure every size; writes `out` (JSON) and returns it."""
+        inputs: tuple[str, ...] = ("json", "tables"), echo=print) -> dict:
+    """Measure every size and input form ("json", "tables"); writes `out` (JSON) and returns it."""
     results = []
     for images in sizes:
         echo(f"bench report: preparing {images:,} images of {height}x{width} (made once)")
-        inputs = prepare(data / f"{images}-{height}x{width}", images, height, width)
-        echo(f"bench report: {images:,} images")
-        figures = measure(inputs, data / f"report-{images}", workers, shard_size)
-        results.append({"images": images, **figures})
-        echo(f"  {figures['wall_s']:.1f} s, peak RSS {figures['peak_rss_mib']:.0f} MiB"
-             + (f" (workers {figures['workers_peak_rss_mib']:.0f} MiB)" if workers > 1 else ""))
+        folder = data / f"{images}-{height}x{width}"
+        files = prepare(folder, images, height, width)
+        for form in inputs:
+            given = as_tables(files, folder) if form == "tables" else files
+            echo(f"bench report: {images:,} images, {form}")
+            figures = measure(given, data / f"report-{images}-{form}", workers, shard_size)
+            results.append({"images": images, "inputs": form, **figures})
+            echo(f"  {figures['wall_s']:.1f} s, peak RSS {figures['peak_rss_mib']:.0f} MiB"
+                 + (f" (workers {figures['workers_peak_rss_mib']:.0f} MiB)" if workers > 1 else ""))
     report = {"height": height, "width": width, "workers": workers, "shard_size": shard_size,
               "sections": "contents, comparison of two prediction sets (1,000 resamples), 8 thumbnails",
               "cpus": os.cpu_count(), "results": results}

@@ -611,6 +611,7 @@ def bench_report(
     size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "128x128",
     workers: Workers = 1,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 500,
+    inputs: Annotated[str, typer.Option(help="Input forms, comma-separated: json (COCO files), tables (segpipe convert).")] = "json,tables",
     out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-report.json",
 ) -> None:
     """segpipe report on synthetic data of several sizes (two prediction sets compared): wall time and peak memory."""
@@ -619,7 +620,11 @@ def bench_report(
     from pipeline.bench_report import run
 
     height, width = _size(size)
-    run(Path(data), _counts(images, "--images"), height, width, workers, shard_size, Path(out), echo=typer.echo)
+    forms = tuple(inputs.split(","))
+    if not set(forms) <= {"json", "tables"}:
+        raise SegpipeError(f"--inputs {inputs!r}: use json, tables or both")
+    run(Path(data), _counts(images, "--images"), height, width, workers, shard_size, Path(out), inputs=forms,
+        echo=typer.echo)
     typer.echo(f"report: {out}")
 
 
