@@ -614,7 +614,10 @@ def bench_report(
     inputs: Annotated[str, typer.Option(help="Input forms, comma-separated: json (COCO files), tables (segpipe convert).")] = "json,tables",
     out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-report.json",
 ) -> None:
-    """segpipe report on synthetic data of several sizes (two prediction sets compared): wall time and peak memory."""
+    """segpipe report on synthetic data of several sizes (two prediction sets compared): wall time and peak memory.
+
+    Example: segpipe bench report --images 2500,10000 --size 128x128 --inputs json,tables
+    """
     from pathlib import Path
 
     from pipeline.bench_report import run
