@@ -10,8 +10,10 @@ STAMP  := $(VENV)/.segpipe-installed
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q --disable-pip-version-check
 DEMO   ?= demo-out
+# Headless Chromium opens report.html in the tests (Debian's package; installed once, when missing).
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo clean chromium
 
 venv: $(STAMP)
 
@@ -26,8 +28,15 @@ $(STAMP): pyproject.toml Makefile .ci/constraints.txt
 	$(PIP) -c .ci/constraints.txt --no-deps tidecv
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+chromium: $(CHROMIUM)
+
+# Only when the browser is missing: apt-get as root, else through sudo.
+$(CHROMIUM):
+	$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q
+	$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q chromium
 
 # The main job end to end: synthesise, train the built-in model briefly on Ray Train, label the
 # validation split with it (`segpipe infer` on Ray), evaluate. About 5 minutes on 2 cores.
@@ -53,10 +62,14 @@ demo: $(STAMP)
 		"rounds: 1" "train: {steps: 100, batch_size: 8, pseudo_ratio: 0.5}" > $(DEMO)/engine.yaml
 	$(BIN)/segpipe engine run $(DEMO)/engine.yaml
 	$(BIN)/segpipe engine status $(DEMO)/engine
+	# The report of what it labeled: the val split's contents and the model's per-class PQ with intervals.
+	$(BIN)/segpipe report --dataset $(DEMO)/annotations/panoptic_val.json --pred $(DEMO)/labels-val \
+		--images $(DEMO)/val --out $(DEMO)/report
 	@echo "demo: data in $(DEMO)/ (train: 200 images + 4 tar shards, val: 50), model in $(DEMO)/model/model.pt"
 	@echo "      (checkpoints/, metrics.json), labels of val in $(DEMO)/labels-val/ (predictions/*.parquet,"
 	@echo "      panoptic_pred.json + PNGs, instances_pred_results.json, pq.json, ap.json), one engine round in"
 	@echo "      $(DEMO)/engine/ (round-N/manifest.json; the job: $(DEMO)/engine.yaml)"
+	@echo "report: $(DEMO)/report/report.html (numbers: $(DEMO)/report/report.json)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info $(DEMO)

@@ -517,6 +517,38 @@ def eval_miou(
     _report(result, format_table(result), out, start)
 
 
+@app.command()
+@_user_errors
+def report(
+    dataset: Annotated[str, typer.Option(help="Ground truth: COCO instances or panoptic JSON (+ PNG folder), or a dataset table (segpipe convert).")],
+    out: Annotated[str, typer.Option(help="Folder for report.html and report.json (any fsspec URI).")],
+    pred: Annotated[Optional[str], typer.Option(help="Predictions: COCO panoptic JSON, COCO results JSON, a predictions table or a segpipe infer output folder.")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="A second prediction set of the same images, compared with --pred.")] = None,
+    images: Annotated[Optional[str], typer.Option(help="Image folder for the thumbnails (default: COCO's layout, ROOT/SPLIT).")] = None,
+    thumbnails: Annotated[int, typer.Option(min=0, help="Images shown with ground truth and predictions overlaid.")] = 8,
+    resamples: Annotated[int, typer.Option(min=1, help="Bootstrap resamples of the images (the comparison's intervals).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed: the same seed, the same intervals.")] = 0,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per shard: what one worker holds at once.")] = 500,
+    workers: Workers = 1,
+    address: Address = None,
+) -> None:
+    """A dataset's report: contents, and with --pred / --compare per-class PQ or AP with bootstrap intervals.
+
+    Writes OUT/report.html (self-contained: opens from disk, no network) and OUT/report.json (every number on the
+    page). Progress goes to stderr.
+
+    Example: segpipe report --dataset annotations/panoptic_val.json --pred labels-val --out report
+    """
+    from pipeline.report import ReportConfig, run
+
+    start = time.perf_counter()
+    result = run(ReportConfig(dataset=dataset, out=out, pred=pred, compare=compare, images=images, workers=workers,
+                              address=address, shard_size=shard_size, resamples=resamples, seed=seed,
+                              thumbnails=thumbnails),
+                 progress=lambda line: typer.echo(f"report: {line} ({time.perf_counter() - start:.1f} s)", err=True))
+    typer.echo(f"report: {result.html}")
+
+
 @bench_app.command("eval")
 @_user_errors
 def bench_eval(
@@ -568,6 +600,34 @@ def bench_infer(
     height, width = _size(size)
     run(Path(data), images, height, width, model, weights, batch_size, threads, repeat, _counts(actors, "--actors"),
         Path(out), echo=typer.echo)
+    typer.echo(f"report: {out}")
+
+
+@bench_app.command("report")
+@_user_errors
+def bench_report(
+    data: Annotated[str, typer.Option(help="Folder for the synthetic datasets and predictions (made once, then reused).")] = "bench-report-data",
+    images: Annotated[str, typer.Option(help="Dataset sizes to measure, comma-separated.")] = "2500,10000",
+    size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "128x128",
+    workers: Workers = 1,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 500,
+    inputs: Annotated[str, typer.Option(help="Input forms, comma-separated: json (COCO files), tables (segpipe convert).")] = "json,tables",
+    out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-report.json",
+) -> None:
+    """segpipe report on synthetic data of several sizes (two prediction sets compared): wall time and peak memory.
+
+    Example: segpipe bench report --images 2500,10000 --size 128x128 --inputs json,tables
+    """
+    from pathlib import Path
+
+    from pipeline.bench_report import run
+
+    height, width = _size(size)
+    forms = tuple(inputs.split(","))
+    if not set(forms) <= {"json", "tables"}:
+        raise SegpipeError(f"--inputs {inputs!r}: use json, tables or both")
+    run(Path(data), _counts(images, "--images"), height, width, workers, shard_size, Path(out), inputs=forms,
+        echo=typer.echo)
     typer.echo(f"report: {out}")
 
 

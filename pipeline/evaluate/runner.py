@@ -6,7 +6,7 @@ import functools
 import gc
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -35,8 +35,9 @@ def without_cyclic_gc(fn: Callable[..., R]) -> Callable[..., R]:
 
 
 def map_shards(fn: Callable[[T], R], shards: Sequence[T], workers: int = 1, address: str | None = None,
-               threads: int | None = None) -> list[R]:
-    """`[fn(shard) for shard in shards]`, in shard order, wherever the shards run.
+               threads: int | None = None, progress: Callable[[int], None] | None = None) -> list[R]:
+    """`[fn(shard) for shard in shards]`, in shard order, wherever the shards run; `progress(n)` after each of
+    the first n shards has finished (in shard order).
 
     - no address, workers == 1: in this process, on `threads` threads (default 1; 0: the cores this process
       may run on), each shard on one; the compiled kernels and Parquet reads release the GIL, so a shard's
@@ -54,20 +55,30 @@ def map_shards(fn: Callable[[T], R], shards: Sequence[T], workers: int = 1, addr
     if threads is not None and threads < 0:
         raise SegpipeError(f"--threads {threads}: need at least 0")
     if address is not None:
-        return _ray_map(fn, shards, address)
+        return _ray_map(fn, shards, address, progress)
     if workers == 1 or len(shards) < 2:
         threads = min(usable_cores() if threads == 0 else threads or 1, len(shards))
         if threads <= 1:
-            return [fn(shard) for shard in shards]
+            return _reported((fn(shard) for shard in shards), progress)
         pool = ThreadPoolExecutor(threads)
         try:
-            return list(pool.map(fn, shards))
+            return _reported(pool.map(fn, shards), progress)
         finally:
             pool.shutdown(cancel_futures=True)  # after a failed shard, the shards not yet started never start
     # forkserver: workers fork from a clean server process, never from a parent that may hold threads.
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context) as pool:
-        return list(pool.map(fn, shards))
+        return _reported(pool.map(fn, shards), progress)
+
+
+def _reported(results: Iterable[R], progress: Callable[[int], None] | None) -> list[R]:
+    """The results as a list, calling `progress` with the count after each."""
+    done = []
+    for result in results:
+        done.append(result)
+        if progress is not None:
+            progress(len(done))
+    return done
 
 
 def usable_cores() -> int:
@@ -75,7 +86,8 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _ray_map(fn: Callable[[T], R], shards: Sequence[T], address: str) -> list[R]:
+def _ray_map(fn: Callable[[T], R], shards: Sequence[T], address: str,
+             progress: Callable[[int], None] | None = None) -> list[R]:
     import ray
 
     started = not ray.is_initialized()
@@ -87,7 +99,7 @@ def _ray_map(fn: Callable[[T], R], shards: Sequence[T], address: str) -> list[R]
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(fn)
         try:
-            return ray.get([task.remote(shard) for shard in shards])
+            return _reported((ray.get(ref) for ref in [task.remote(shard) for shard in shards]), progress)
         except ray.exceptions.RayTaskError as error:
             if isinstance(error.cause, SegpipeError):  # a user error inside a task: one line, no traceback
                 raise SegpipeError(str(error.cause)) from None

@@ -1,1 +1,197 @@
-"""`segpipe report`: a dataset's health, contents and model errors as report.json and a self-contained report.html."""
+"""`segpipe report`: a dataset's contents and its predictions' comparison, per shard, merged into report.json and report.html.
+
+Each section of the report is a pair of functions: `shard(data, context) -> part`, run where the shard
+runs (this process, local workers or a Ray task; `map_shards`), and `merge(parts, context) -> dict`,
+run on the driver over the parts in shard order; its dict is the section's key in report.json. A section
+may also have `start(truth)`, run once on the driver before the shards (whole-file checks), whose result
+its merge gets as a third argument. A shard's images are read once and handed to every section, so
+memory holds one shard (plus each section's small part) per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import SegpipeError
+from pipeline.evaluate.runner import map_shards, without_cyclic_gc
+from pipeline.io.fs import join, write_bytes, write_json
+from pipeline.report import compare, contents, thumbnails
+from pipeline.report.sources import Image, Predictions, Side, Truth, open_predictions, open_truth, read_side
+from pipeline.structures import ImagePrediction
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What `segpipe report` reads, where it writes, and how it runs."""
+
+    dataset: str
+    """Ground truth: a COCO instances or panoptic JSON (+ PNG folder), or a dataset table (`segpipe convert`)."""
+    out: str
+    """Folder for report.html and report.json."""
+    pred: str | None = None
+    """Predictions: COCO panoptic JSON, COCO results JSON, a predictions table or a `segpipe infer` output folder."""
+    compare: str | None = None
+    """A second prediction set of the same images, compared with `pred` (two models, two engine rounds)."""
+    images: str | None = None
+    """The image folder, for thumbnails (default: COCO's layout, ROOT/SPLIT beside ROOT/annotations/)."""
+    workers: int = 1
+    """Local worker processes (1: this process)."""
+    address: str | None = None
+    """Run the shards as Ray tasks on this cluster."""
+    shard_size: int = 500
+    """Images per shard: what one worker holds at once."""
+    resamples: int = 1000
+    """Bootstrap resamples of the images, for the comparison's confidence intervals."""
+    seed: int = 0
+    """Seed of the bootstrap's resample weights (the same seed gives the same intervals)."""
+    thumbnails: int = 8
+    """Images shown with their ground truth and prediction overlaid, spread evenly over the dataset."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every section's shard and merge functions know about the run (small: it travels with each shard)."""
+
+    kind: str  # "panoptic" or "instances": decides PQ or AP
+    categories: tuple[dict, ...]
+    names: tuple[str, ...]  # the prediction sets' labels: () / ("pred",) / ("pred", "compare")
+    resamples: int
+    seed: int
+    thumbnail_ids: frozenset[int]
+    images: str | None  # image folder for thumbnails, or None
+
+
+@dataclass
+class ShardData:
+    """A shard's images, read once: ground truth and every prediction set (None where not given)."""
+
+    images: list[Image]
+    truth: list[ImagePrediction]
+    predictions: list[ImagePrediction] | None = None
+    compare: list[ImagePrediction] | None = None
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the report: a per-shard function and a merge of the parts (in shard order)."""
+
+    name: str
+    shard: Callable[[ShardData, Context], Any]
+    merge: Callable[..., dict]  # merge(parts, context), or merge(parts, context, started) with `start`
+    needs_predictions: bool = False
+    start: Callable[[Truth], Any] | None = None  # on the driver, before the shards
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("contents", contents.shard, contents.merge),
+    Section("comparison", compare.shard, compare.merge, needs_predictions=True),
+    Section("thumbnails", thumbnails.shard, thumbnails.merge),
+    # --- integration points: one line each, same shape (functions at module level, so workers find them) --
+    # health (pipeline/report/health.py):
+    #   Section("health", _health_shard, lambda parts, c, started: health.merge(started, parts, ...),
+    #           start=lambda truth: health.global_checks(truth.coco, truth.kind)),
+    #   with _health_shard(data, context) = health.shard_checks(HealthShard(...from data.images / data.truth...))
+    # errors (pipeline/report/errors.py):
+    #   Section("errors", _errors_shard, lambda parts, c: errors.merge_errors(parts, c.categories, c.kind == "panoptic"),
+    #           needs_predictions=True),
+    #   with _errors_shard(data, c) = errors.shard_errors(data.truth, data.predictions, c.categories, c.kind == "panoptic")
+)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """The images one task reads, with the JSON entries of JSON sides (tables are read by the task)."""
+
+    images: tuple[Image, ...]
+    sides: tuple[tuple[Side, tuple | None], ...]  # (ground truth, predictions?, compare?) and their entries
+    context: Context
+    sections: tuple[str, ...]
+
+
+@dataclass
+class Report:
+    """What `run` produced: the JSON (every number the page shows) and where it wrote the files."""
+
+    data: dict
+    html: str
+    json: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: None) -> Report:
+    """Read, shard, compute every section, merge, and write `OUT/report.json` and `OUT/report.html`."""
+    from pipeline.report import html
+
+    if config.compare and not config.pred:
+        raise SegpipeError("--compare needs --pred (the two prediction sets compared)")
+    if config.shard_size < 1:
+        raise SegpipeError(f"--shard-size {config.shard_size}: need at least 1")
+    progress(f"reading {config.dataset}")
+    truth = open_truth(config.dataset)
+    predictions = [open_predictions(uri, truth) for uri in (config.pred, config.compare) if uri]
+    context = Context(truth.kind, tuple(truth.categories), ("pred", "compare")[:len(predictions)], config.resamples,
+                      config.seed, _spread(truth.images, config.thumbnails), config.images or _image_folder(truth))
+    sections = tuple(s.name for s in SECTIONS if predictions or not s.needs_predictions)
+    started = {s.name: s.start(truth) for s in SECTIONS if s.start is not None and s.name in sections}
+    shards = _shards(truth, predictions, context, sections, config.shard_size)
+    total = len(truth.images)
+    progress(f"{total:,} images in {len(shards)} shards of up to {config.shard_size}")
+
+    def done(count: int) -> None:
+        images = min(count * config.shard_size, total)
+        progress(f"shard {count}/{len(shards)} done ({images:,}/{total:,} images)")
+
+    parts = map_shards(_run_shard, shards, config.workers, config.address, progress=done)
+    data = {"inputs": {"dataset": config.dataset, "kind": truth.kind, "pred": config.pred, "compare": config.compare,
+                       "images": config.images, "shards": len(shards)}}
+    for section in SECTIONS:
+        if section.name in sections:
+            progress(f"merging {section.name}")
+            merged = [p[section.name] for p in parts]
+            data[section.name] = (section.merge(merged, context, started[section.name]) if section.name in started
+                                  else section.merge(merged, context))
+    progress("writing the report")
+    page = html.render(data)
+    html_uri, json_uri = join(config.out, "report.html"), join(config.out, "report.json")
+    write_json(json_uri, html.without_pixels(data))
+    write_bytes(html_uri, page.encode("utf-8"))
+    return Report(data, html_uri, json_uri)
+
+
+def _spread(images: list[Image], count: int) -> frozenset[int]:
+    """`count` image ids spread evenly over the dataset (the first and every n-th)."""
+    if count <= 0 or not images:
+        return frozenset()
+    step = max(len(images) / count, 1)
+    return frozenset(images[int(k * step)].id for k in range(min(count, len(images))))
+
+
+def _image_folder(truth: Truth) -> str | None:
+    """COCO's layout: ROOT/annotations/{panoptic,instances}_SPLIT.json labels the images in ROOT/SPLIT."""
+    import re
+
+    match = re.search(r"(.*)/annotations/(?:panoptic|instances)_([^/]+)\.json$", truth.side.uri)
+    return f"{match[1]}/{match[2]}" if match else None
+
+
+def _shards(truth: Truth, predictions: list[Predictions], context: Context, sections: tuple[str, ...],
+            size: int) -> list[_Shard]:
+    shards = []
+    for start in range(0, len(truth.images), size):
+        images = tuple(truth.images[start:start + size])
+        sides = tuple((side, None if entries is None else tuple(entries.get(im.id) for im in images))
+                      for side, entries in [(truth.side, truth.entries), *((p.side, p.entries) for p in predictions)])
+        shards.append(_Shard(images, sides, context, sections))
+    return shards
+
+
+@without_cyclic_gc
+def _run_shard(shard: _Shard) -> dict[str, Any]:
+    """Read the shard's sides once and run each section's shard function on them."""
+    images = list(shard.images)
+    read = [read_side(side, images, entries) for side, entries in shard.sides]
+    data = ShardData(images, *read)
+    by_name = {s.name: s for s in SECTIONS}
+    return {name: by_name[name].shard(data, shard.context) for name in shard.sections}
