@@ -529,13 +529,16 @@ def report(
     resamples: Annotated[int, typer.Option(min=1, help="Bootstrap resamples of the images (the comparison's intervals).")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed: the same seed, the same intervals.")] = 0,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per shard: what one worker holds at once.")] = 500,
+    leakage_with: Annotated[Optional[list[str]], typer.Option(help="Another split (COCO JSON in COCO's layout) whose images are checked for exact and near duplicates of the dataset's (repeat).")] = None,
     workers: Workers = 1,
     address: Address = None,
 ) -> None:
-    """A dataset's report: contents, and with --pred / --compare per-class PQ or AP with bootstrap intervals.
+    """A dataset's report: health (labels, masks, image files, duplicates, leakage), contents, and with --pred the
+    model's errors (per-class PQ / AP, confusion, calibration, TIDE, panoptic error split, label-error candidates)
+    and with --compare both prediction sets with bootstrap intervals.
 
-    Writes OUT/report.html (self-contained: opens from disk, no network) and OUT/report.json (every number on the
-    page). Progress goes to stderr.
+    Writes OUT/report.html (self-contained: opens from disk, no network), OUT/report.json (every number on the
+    page) and with --pred OUT/label-errors.json (the candidates as a COCO file for review). Progress goes to stderr.
 
     Example: segpipe report --dataset annotations/panoptic_val.json --pred labels-val --out report
     """
@@ -544,7 +547,7 @@ def report(
     start = time.perf_counter()
     result = run(ReportConfig(dataset=dataset, out=out, pred=pred, compare=compare, images=images, workers=workers,
                               address=address, shard_size=shard_size, resamples=resamples, seed=seed,
-                              thumbnails=thumbnails),
+                              thumbnails=thumbnails, leakage_with=tuple(leakage_with or ())),
                  progress=lambda line: typer.echo(f"report: {line} ({time.perf_counter() - start:.1f} s)", err=True))
     typer.echo(f"report: {result.html}")
 

@@ -181,7 +181,11 @@ def page(tmp_path_factory, dataset):
 def test_page_is_self_contained_and_renders_in_chromium(page, tmp_path):
     text = open(page).read()
     assert not re.search(r'(src|href)="(?!data:)', text) and "fetch(" not in text and "XMLHttpRequest" not in text
-    assert text.count('data-plot="') == 4 and text.count("data:image/jpeg;base64,") == 8
+    data = json.loads(open(page.replace("report.html", "report.json")).read())
+    strips = min(6, len(data["errors"]["worst_images"])) + min(6, len(data["errors"]["candidates"]))
+    # contents 3, model errors 4 (TIDE, confusion, calibration, precision-recall), comparison 1; thumbnails 8 and
+    # the strips of the worst images and of the label-error candidates
+    assert text.count('data-plot="') == 8 and text.count("data:image/jpeg;base64,") == 8 + strips and strips
     assert _page_check(page) == "ok"
     shot = tmp_path / "shot.png"
     _browser(page, f"--screenshot={shot}", "--window-size=1200,2400")

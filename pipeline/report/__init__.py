@@ -1,4 +1,4 @@
-"""`segpipe report`: a dataset's contents and its predictions' comparison, per shard, merged into report.json and report.html.
+"""`segpipe report`: a dataset's health, contents, model errors and comparison, per shard, merged into report.json and report.html.
 
 Each section of the report is a pair of functions: `shard(data, context) -> part`, run where the shard
 runs (this process, local workers or a Ray task; `map_shards`), and `merge(parts, context) -> dict`,
@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.errors import SegpipeError
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import join, write_bytes, write_json
-from pipeline.report import compare, contents, thumbnails
+from pipeline.report import compare, contents, errors, health, thumbnails
 from pipeline.report.sources import Image, Predictions, Side, Truth, open_predictions, open_truth, read_side
 from pipeline.structures import ImagePrediction
 
@@ -48,6 +48,9 @@ class ReportConfig:
     """Seed of the bootstrap's resample weights (the same seed gives the same intervals)."""
     thumbnails: int = 8
     """Images shown with their ground truth and prediction overlaid, spread evenly over the dataset."""
+    leakage_with: tuple[str, ...] = ()
+    """Other splits (COCO JSON in COCO's layout) whose images are compared with the dataset's: exact and near
+    duplicates across splits."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,9 @@ class Context:
     resamples: int
     seed: int
     thumbnail_ids: frozenset[int]
-    images: str | None  # image folder for thumbnails, or None
+    images: str | None  # image folder for thumbnails and the image-file checks, or None
+    png_folder: str | None = None  # a panoptic ground truth's PNG folder (the health checks read it)
+    split: str = ""  # the ground truth's split name (health: duplicates across splits)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class ShardData:
     truth: list[ImagePrediction]
     predictions: list[ImagePrediction] | None = None
     compare: list[ImagePrediction] | None = None
+    truth_entries: tuple | None = None  # a JSON ground truth's own annotations per image (health reads them raw)
 
 
 @dataclass(frozen=True)
@@ -84,19 +90,62 @@ class Section:
     start: Callable[[Truth], Any] | None = None  # on the driver, before the shards
 
 
+def _health_shard(data: ShardData, context: Context) -> health.HealthPart:
+    """The health checks of a shard: its JSON annotations as written (none for a table), its image files."""
+    entries = data.truth_entries or ()
+    annotations = [a for entry in entries if entry for a in (entry if isinstance(entry, list) else [entry])]
+    images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im in data.images]
+    return health.shard_checks(health.HealthShard(images, annotations, context.kind, list(context.categories),
+                                                  context.images, context.png_folder, context.split))
+
+
+def _health_start(truth: Truth) -> dict:
+    """The whole-file checks (ids, categories, distribution): a JSON ground truth read again as written; a table
+    (checked when `segpipe convert` wrote it) gets its category counts from the shards' contents only."""
+    from pipeline.validate import read_coco
+
+    coco = read_coco(truth.side.uri)[0] if truth.entries is not None else None
+    return health.global_checks(coco, truth.kind, _split(truth)) if coco is not None else {}
+
+
+def _health_merge(parts: list, context: Context, started: tuple[dict, list]) -> dict:
+    """`started`: the whole-file checks and the parts of the other splits (their image files: leakage)."""
+    checks, others = started
+    nothing = {"split": context.split, "found": {}, "checked": [], "summary": {}}  # a table: see _health_start
+    return health.merge(checks or nothing, [*parts, *others])
+
+
+def _other_splits(uris: tuple[str, ...], config: ReportConfig, progress: Callable[[str], None]) -> list:
+    """The health parts of other splits' images (their files read, their pixels hashed): what leakage compares."""
+    parts = []
+    for uri in uris:
+        other = open_truth(uri)
+        folder = _image_folder(other)
+        if folder is None:
+            raise SegpipeError(f"{uri}: --leakage-with needs COCO's layout (ROOT/annotations/*_SPLIT.json, its images "
+                               "in ROOT/SPLIT)")
+        images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im in other.images]
+        shards = [health.HealthShard(images[k:k + config.shard_size], [], other.kind, other.categories, folder, None,
+                                     _split(other)) for k in range(0, len(images), config.shard_size)]
+        progress(f"hashing {len(images):,} images of {uri} (leakage)")
+        parts += map_shards(health.shard_checks, shards, config.workers, config.address)
+    return parts
+
+
+def _errors_shard(data: ShardData, context: Context) -> errors.ErrorsPart:
+    return errors.shard_errors(data.truth, data.predictions, list(context.categories), context.kind == "panoptic")
+
+
+def _errors_merge(parts: list, context: Context) -> dict:
+    return errors.merge_errors(parts, list(context.categories), context.kind == "panoptic")
+
+
 SECTIONS: tuple[Section, ...] = (
+    Section("health", _health_shard, _health_merge, start=_health_start),
     Section("contents", contents.shard, contents.merge),
+    Section("errors", _errors_shard, _errors_merge, needs_predictions=True),
     Section("comparison", compare.shard, compare.merge, needs_predictions=True),
     Section("thumbnails", thumbnails.shard, thumbnails.merge),
-    # --- integration points: one line each, same shape (functions at module level, so workers find them) --
-    # health (pipeline/report/health.py):
-    #   Section("health", _health_shard, lambda parts, c, started: health.merge(started, parts, ...),
-    #           start=lambda truth: health.global_checks(truth.coco, truth.kind)),
-    #   with _health_shard(data, context) = health.shard_checks(HealthShard(...from data.images / data.truth...))
-    # errors (pipeline/report/errors.py):
-    #   Section("errors", _errors_shard, lambda parts, c: errors.merge_errors(parts, c.categories, c.kind == "panoptic"),
-    #           needs_predictions=True),
-    #   with _errors_shard(data, c) = errors.shard_errors(data.truth, data.predictions, c.categories, c.kind == "panoptic")
 )
 
 
@@ -132,7 +181,8 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
     truth = open_truth(config.dataset)
     predictions = [open_predictions(uri, truth) for uri in (config.pred, config.compare) if uri]
     context = Context(truth.kind, tuple(truth.categories), ("pred", "compare")[:len(predictions)], config.resamples,
-                      config.seed, _spread(truth.images, config.thumbnails), config.images or _image_folder(truth))
+                      config.seed, _spread(truth.images, config.thumbnails), config.images or _image_folder(truth),
+                      truth.side.folder, _split(truth))
     sections = tuple(s.name for s in SECTIONS if predictions or not s.needs_predictions)
     started = {s.name: s.start(truth) for s in SECTIONS if s.start is not None and s.name in sections}
     shards = _shards(truth, predictions, context, sections, config.shard_size)
@@ -144,20 +194,54 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
         progress(f"shard {count}/{len(shards)} done ({images:,}/{total:,} images)")
 
     parts = map_shards(_run_shard, shards, config.workers, config.address, progress=done)
+    if "health" in started:
+        started["health"] = (started["health"], _other_splits(config.leakage_with, config, progress))
     data = {"inputs": {"dataset": config.dataset, "kind": truth.kind, "pred": config.pred, "compare": config.compare,
-                       "images": config.images, "shards": len(shards)}}
+                       "images": config.images, "shards": len(shards), "leakage_with": list(config.leakage_with)},
+            "categories": [{k: c.get(k) for k in ("id", "name", "isthing")} for c in truth.categories]}
     for section in SECTIONS:
         if section.name in sections:
             progress(f"merging {section.name}")
             merged = [p[section.name] for p in parts]
             data[section.name] = (section.merge(merged, context, started[section.name]) if section.name in started
                                   else section.merge(merged, context))
+    if "errors" in data:  # the label-error candidates, for people to look at (the review hand-off's CVAT file)
+        progress("drawing the worst images and the label-error candidates")
+        data["errors"]["thumbnails"] = _error_thumbnails(data["errors"], truth, predictions, context)
+        images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im in truth.images]
+        write_json(join(config.out, "label-errors.json"),
+                   errors.candidates_coco(data["errors"], images, list(truth.categories)))
     progress("writing the report")
     page = html.render(data)
     html_uri, json_uri = join(config.out, "report.html"), join(config.out, "report.json")
     write_json(json_uri, html.without_pixels(data))
     write_bytes(html_uri, page.encode("utf-8"))
     return Report(data, html_uri, json_uri)
+
+
+def _split(truth: Truth) -> str:
+    """The split a COCO file names (annotations/panoptic_val2017.json: val2017), else the file's stem."""
+    import re
+
+    stem = truth.side.uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
+    return re.sub(r"^(panoptic|instances)_", "", stem)
+
+
+def _error_thumbnails(section: dict, truth: Truth, predictions: list[Predictions], context: Context,
+                      count: int = 6) -> dict[str, str]:
+    """JPEGs (ground truth | predictions) of the worst images by PQ and of the images of the strongest label-error
+    candidates, read again on the driver: a dozen images, whatever the dataset's size."""
+    wanted = [w["image_id"] for w in section.get("worst_images", [])[:count]]
+    wanted += [c["image_id"] for c in section.get("candidates", [])[:count]]
+    by_id = {im.id: im for im in truth.images}
+    chosen = [by_id[i] for i in dict.fromkeys(wanted) if i in by_id]
+    if not chosen:
+        return {}
+    sides = [(truth.side, truth.entries), (predictions[0].side, predictions[0].entries)]
+    read = [read_side(side, chosen, None if entries is None else [entries.get(im.id) for im in chosen])
+            for side, entries in sides]
+    return {str(image.id): thumbnails.strip(context.images, gt, pred)
+            for image, gt, pred in zip(chosen, *read)}
 
 
 def _spread(images: list[Image], count: int) -> frozenset[int]:
@@ -193,5 +277,6 @@ def _run_shard(shard: _Shard) -> dict[str, Any]:
     images = list(shard.images)
     read = [read_side(side, images, entries) for side, entries in shard.sides]
     data = ShardData(images, *read)
+    data.truth_entries = shard.sides[0][1]
     by_name = {s.name: s for s in SECTIONS}
     return {name: by_name[name].shard(data, shard.context) for name in shard.sections}

@@ -58,11 +58,15 @@ def render(report: dict) -> str:
     """The whole page, from the report's data (the dict behind report.json, thumbnails' JPEGs included)."""
     inputs = report["inputs"]
     parts = [f"<h1>segpipe report: {escape(str(inputs['dataset']))}</h1>", _inputs(inputs)]
+    names = {c["id"]: c["name"] for c in report.get("categories", [])}
+    if "health" in report:
+        parts.append(_health(report["health"]))
     if "contents" in report:
         parts.append(_contents(report["contents"]))
+    if "errors" in report:
+        parts.append(_errors(report["errors"], names))
     if "comparison" in report:
         parts.append(_comparison(report["comparison"]))
-    # health and errors: their sections' HTML goes here once pipeline/report/health.py and errors.py are merged.
     if report.get("thumbnails", {}).get("images"):
         parts.append(_thumbnails(report["thumbnails"]))
     body = "\n".join(parts)
@@ -76,7 +80,126 @@ def without_pixels(report: dict) -> dict:
     data = copy.deepcopy(report)
     for item in data.get("thumbnails", {}).get("images", []):
         item.pop("jpeg", None)
+    data.get("errors", {}).pop("thumbnails", None)
     return data
+
+
+def _health(h: dict) -> str:
+    if not h["findings"]:
+        verdict = f"<p>No problem found by the {len(h['checked'])} checks run.</p>"
+    else:
+        verdict = "<p>" + ", ".join(f"{group}: {count:,}" for group, count in h["counts"].items()) + "</p>"
+    rows = [(f["group"], f["severity"], f["check"], f["split"] or "across splits", f"{f['count']:,}",
+             _ids(f["ids"], f["count"]), f["detail"]) for f in h["findings"]]
+    table = _table(["group", "severity", "check", "split", "count", "ids (first)", "what"], rows) if rows else ""
+    checked = f"<p class=\"small\">Checks run: {escape(', '.join(h['checked']))}.</p>"
+    return f"<h2>Health</h2>{verdict}{table}{checked}"
+
+
+def _ids(ids: list, count: int) -> str:
+    shown = ", ".join(str(i) for i in ids[:10])
+    return shown + (f" ... ({count - 10:,} more)" if count > 10 else "")
+
+
+def _errors(e: dict, names: dict) -> str:
+    def name(category_id) -> str:
+        return names.get(int(category_id), str(category_id)) if str(category_id).lstrip("-").isdigit() else str(category_id)
+    parts = ["<h2>Model errors</h2>"]
+    if e.get("pq"):
+        pq = e["pq"]
+        summary = _table(["", "PQ", "SQ", "RQ", "classes"], [
+            (k, f"{pq[k]['pq']:.4f}", f"{pq[k]['sq']:.4f}", f"{pq[k]['rq']:.4f}", pq[k]["n"]) for k in ("All", "Things", "Stuff")])
+        miou = f"<p>Semantic mIoU: {e['miou']['miou']:.4f}</p>" if isinstance(e.get("miou"), dict) and "miou" in e["miou"] else ""
+        split = _table(["panoptic error", "false negatives", "false positives", "PQ if fixed (gain)"], [
+            (kind.replace("_", " "), f"{v['fn']:,}", f"{v['fp']:,}", f"{v['pq_cost']:+.4f}")
+            for kind, v in e["panoptic_errors"].items()])
+        parts.append(f"<h3>Panoptic quality</h3>{summary}{miou}<h3>Where PQ is lost</h3>{split}")
+    ap = e["ap"]["summary"]
+    parts.append("<h3>Mask AP</h3>" + _table(["AP", "AP50", "AP75", "APs", "APm", "APl"],
+                                              [tuple(f"{ap[k]:.4f}" for k in list(ap)[:6])]))
+    tide = e["tide"]
+    parts.append(f"<h3>TIDE errors</h3><p>AP50 {tide['ap50']:.2f} (TIDE's). dAP: the AP50 gained by fixing one "
+                 "type alone.</p>" + _table(["type", "count", "dAP"], [
+                     (k, f"{tide['counts'][k]:,}", f"{tide['delta_ap'][k]:.2f}") for k in tide["counts"]]))
+    parts.append("<div class=\"plots\">" + _tide_plot(tide) + _confusion_plot(e["confusion"], name)
+                 + _calibration_plot(e["calibration"]) + _pr_plot(e["ap"]["pr_curves"], name) + "</div>")
+    thumbs = e.get("thumbnails", {})
+    worst = e.get("worst_images", [])[:6]
+    if worst:
+        parts.append("<h3>Worst images by PQ</h3>" + _strips(
+            [(w["image_id"], f"image {w['image_id']}: PQ {w['pq']:.3f} (TP {w['tp']}, FP {w['fp']}, FN {w['fn']})")
+             for w in worst], thumbs))
+    candidates = e.get("candidates", [])
+    parts.append(f"<h3>Label-error candidates</h3><p>{len(candidates):,} candidates, strongest evidence first; as a "
+                 "COCO file for review: label-errors.json.</p>")
+    if candidates:
+        rows = [(c["kind"].replace("_", " "), c["image_id"], name(c["gt_category_id"]) if c.get("gt_category_id") else "-",
+                 name(c["pred_category_id"]), f"{c['score']:.3f}", "-" if c.get("iou") is None else f"{c['iou']:.3f}",
+                 f"{c['evidence']:.3f}") for c in candidates[:50]]
+        parts.append(_table(["kind", "image", "labelled", "predicted", "score", "IoU", "evidence"], rows))
+        parts.append(_strips([(c["image_id"], f"image {c['image_id']}: {c['kind'].replace('_', ' ')}")
+                              for c in candidates[:6]], thumbs))
+    return "".join(parts)
+
+
+def _strips(items: list[tuple[int, str]], thumbs: dict) -> str:
+    figures = [f"<figure><img alt=\"image {image_id}\" src=\"data:image/jpeg;base64,{thumbs[str(image_id)]}\">"
+               f"<figcaption>{escape(caption)}</figcaption></figure>"
+               for image_id, caption in items if str(image_id) in thumbs]
+    return f"<p>Left: ground truth, right: predictions.</p><div class=\"thumbs\">{''.join(figures)}</div>" if figures else ""
+
+
+def _tide_plot(tide: dict) -> str:
+    fig = Figure(figsize=(5.2, 2.6))
+    ax = fig.subplots()
+    kinds = list(tide["delta_ap"])
+    ax.bar(kinds, [tide["delta_ap"][k] for k in kinds], color=THING)
+    ax.set_ylabel("dAP50")
+    ax.set_title("TIDE: AP50 gained by fixing each error type", fontsize=10)
+    return _figure("tide", "TIDE's error types and their dAP", fig)
+
+
+def _confusion_plot(confusion: dict, name) -> str:
+    matrix = np.asarray(confusion["matrix"], np.float64)
+    labels = [name(label) for label in confusion["labels"]]
+    fig = Figure(figsize=(max(4.0, 0.3 * len(labels) + 2), max(3.5, 0.3 * len(labels) + 1.5)))
+    ax = fig.subplots()
+    ax.imshow(np.log1p(matrix), cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("ground truth")
+    ax.set_ylabel("prediction")
+    ax.set_title(f"Confusion at IoU {confusion['iou']}, score >= {confusion['min_score']}", fontsize=10)
+    return _figure("confusion", "matched segments by class (log colour); background: unmatched", fig)
+
+
+def _calibration_plot(calibration: dict) -> str:
+    bins = [b for b in calibration["bins"] if b["count"]]
+    fig = Figure(figsize=(3.6, 3.4))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="#888", linestyle="--", linewidth=1)
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color=THING)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("score")
+    ax.set_ylabel("share that is a true positive")
+    ax.set_title(f"Calibration: ECE {calibration['ece']:.3f}", fontsize=10)
+    return _figure("calibration", "reliability of the scores (10 bins)", fig)
+
+
+def _pr_plot(curves: dict, name) -> str:
+    fig = Figure(figsize=(4.4, 3.4))
+    ax = fig.subplots()
+    for category_id, precision in curves["precision"].items():
+        if precision is not None:
+            ax.plot(curves["recall"], precision, linewidth=1, label=name(category_id))
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"Precision-recall per class, IoU {curves['iou']}", fontsize=10)
+    return _figure("precision-recall", "precision at COCO's 101 recall points", fig)
 
 
 def _inputs(inputs: dict) -> str:

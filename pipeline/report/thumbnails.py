@@ -71,6 +71,12 @@ def _jpeg(panels: list[np.ndarray]) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def strip(folder: str | None, *sides: ImagePrediction) -> str:
+    """One image with each side's segments overlaid, side by side, as a base64 JPEG."""
+    photo = _photo(folder, sides[0])
+    return _jpeg([overlay(photo, side) for side in sides])
+
+
 def shard(data, context) -> list[dict]:
     """The shard's chosen images, each as one JPEG: ground truth | predictions | compared predictions."""
     chosen = []
