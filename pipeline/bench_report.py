@@ -84,7 +84,9 @@ def run(data: Path, sizes: list[int], height: int, width: int, workers: int, sha
             echo(f"  {figures['wall_s']:.1f} s, peak RSS {figures['peak_rss_mib']:.0f} MiB"
                  + (f" (workers {figures['workers_peak_rss_mib']:.0f} MiB)" if workers > 1 else ""))
     report = {"height": height, "width": width, "workers": workers, "shard_size": shard_size,
-              "sections": "contents, comparison of two prediction sets (1,000 resamples), 8 thumbnails",
+              "sections": "health (labels, masks, image files, duplicates), contents, model errors (PQ, AP, TIDE, "
+                          "confusion, calibration, label-error candidates), comparison of two prediction sets (1,000 "
+                          "resamples), thumbnails",
               "cpus": os.cpu_count(), "results": results}
     out.write_text(json.dumps(report, indent=2))
     return report

@@ -238,8 +238,8 @@ def _error_thumbnails(section: dict, truth: Truth, predictions: list[Predictions
     if not chosen:
         return {}
     sides = [(truth.side, truth.entries), (predictions[0].side, predictions[0].entries)]
-    read = [read_side(side, chosen, None if entries is None else [entries.get(im.id) for im in chosen])
-            for side, entries in sides]
+    read = [read_side(side, chosen, None if entries is None else [entries.get(im.id) for im in chosen], truth=k == 0)
+            for k, (side, entries) in enumerate(sides)]
     return {str(image.id): thumbnails.strip(context.images, gt, pred)
             for image, gt, pred in zip(chosen, *read)}
 
@@ -275,7 +275,7 @@ def _shards(truth: Truth, predictions: list[Predictions], context: Context, sect
 def _run_shard(shard: _Shard) -> dict[str, Any]:
     """Read the shard's sides once and run each section's shard function on them."""
     images = list(shard.images)
-    read = [read_side(side, images, entries) for side, entries in shard.sides]
+    read = [read_side(side, images, entries, truth=k == 0) for k, (side, entries) in enumerate(shard.sides)]
     data = ShardData(images, *read)
     data.truth_entries = shard.sides[0][1]
     by_name = {s.name: s for s in SECTIONS}

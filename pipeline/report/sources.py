@@ -12,7 +12,7 @@ from pipeline.errors import SegpipeError
 from pipeline.evaluate import check_integer_ids, refuse_strays
 from pipeline.io.fs import join, read_bytes, read_json, url_to_fs
 from pipeline.io.tables import is_dataset_table, open_dataset_table, parquet_files, read_columns, read_rows
-from pipeline.structures import ImagePrediction, Rle, Segment, decode_panoptic_png, predictions_from_arrow
+from pipeline.structures import ImagePrediction, Rle, Segment, decode_panoptic_png, predictions_from_arrow, rle_counts
 from pipeline.validate import default_folder
 
 TABLE = "table"  # a dataset table folder (segpipe convert): read with a pushed-down filter
@@ -128,14 +128,19 @@ def open_predictions(uri: str, truth: Truth) -> Predictions:
     return Predictions(side, entries)
 
 
-def read_side(side: Side, images: Sequence[Image], entries: Sequence | None) -> list[ImagePrediction]:
-    """The segments of `images` (one ImagePrediction each, in their order; none where the side has no segment)."""
+def read_side(side: Side, images: Sequence[Image], entries: Sequence | None,
+              truth: bool = False) -> list[ImagePrediction]:
+    """The segments of `images` (one ImagePrediction each, in their order; none where the side has no segment).
+
+    A ground-truth annotation whose mask cannot be decoded is left out here (the health section names it, as
+    broken_mask); in predictions it is an error."""
     if side.form == PANOPTIC:
         return [_panoptic_image(side, image, entry) for image, entry in zip(images, entries)]
     if side.form == INSTANCES:
-        return [ImagePrediction(image.id, image.file_name, image.height, image.width,
-                                tuple(_instance(a, k, image) for k, a in enumerate(entry or ())))
+        read = [[_instance(a, k, image, strict=not truth) for k, a in enumerate(entry or ())]
                 for image, entry in zip(images, entries)]
+        return [ImagePrediction(image.id, image.file_name, image.height, image.width,
+                                tuple(s for s in segments if s is not None)) for image, segments in zip(images, read)]
     ids = [image.id for image in images]
     if side.form == ROWS:
         found = {p.image_id: p for p in predictions_from_arrow(read_rows(side.files, ids[0], ids[-1], _ROW_COLUMNS))}
@@ -187,11 +192,17 @@ def _panoptic_image(side: Side, image: Image, entry: dict | None) -> ImagePredic
     return ImagePrediction(image.id, image.file_name, image.height, image.width, segments)
 
 
-def _instance(annotation: dict, position: int, image: Image) -> Segment:
-    """A COCO annotation or result as a segment; area and box from the file where it gives them (as COCO does)."""
+def _instance(annotation: dict, position: int, image: Image, strict: bool = True) -> Segment | None:
+    """A COCO annotation or result as a segment; area and box from the file where it gives them (as COCO does).
+    A mask that does not decode to the image's pixels: an error, or None when not `strict`."""
     try:
         rle = Rle.from_coco(annotation["segmentation"], image.height, image.width)
+        runs = rle_counts(rle.counts)
+        if sum(runs) != image.height * image.width or min(runs, default=0) < 0:
+            raise ValueError(f"its runs cover {sum(runs)} pixels, the image has {image.height * image.width}")
     except (KeyError, TypeError, ValueError) as error:
+        if not strict:
+            return None
         raise SegpipeError(f"image {image.id}: annotation {annotation.get('id', position)}: no readable "
                            f"segmentation ({error})") from None
     area = annotation.get("area")
