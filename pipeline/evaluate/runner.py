@@ -35,9 +35,12 @@ def without_cyclic_gc(fn: Callable[..., R]) -> Callable[..., R]:
 
 
 def map_shards(fn: Callable[[T], R], shards: Sequence[T], workers: int = 1, address: str | None = None,
-               threads: int | None = None, progress: Callable[[int], None] | None = None) -> list[R]:
+               threads: int | None = None, progress: Callable[[int], None] | None = None,
+               fold: Callable[[R, R], R] | None = None) -> list[R]:
     """`[fn(shard) for shard in shards]`, in shard order, wherever the shards run; `progress(n)` after each of
-    the first n shards has finished (in shard order).
+    the first n shards has finished (in shard order). With `fold`, the results are folded as they arrive, in
+    shard order (`fold(fold(r0, r1), r2) ...`), and the list holds the one result: the driver never holds
+    every shard's result.
 
     - no address, workers == 1: in this process, on `threads` threads (default 1; 0: the cores this process
       may run on), each shard on one; the compiled kernels and Parquet reads release the GIL, so a shard's
@@ -55,29 +58,31 @@ def map_shards(fn: Callable[[T], R], shards: Sequence[T], workers: int = 1, addr
     if threads is not None and threads < 0:
         raise SegpipeError(f"--threads {threads}: need at least 0")
     if address is not None:
-        return _ray_map(fn, shards, address, progress)
+        return _ray_map(fn, shards, address, progress, fold)
     if workers == 1 or len(shards) < 2:
         threads = min(usable_cores() if threads == 0 else threads or 1, len(shards))
         if threads <= 1:
-            return _reported((fn(shard) for shard in shards), progress)
+            return _reported((fn(shard) for shard in shards), progress, fold)
         pool = ThreadPoolExecutor(threads)
         try:
-            return _reported(pool.map(fn, shards), progress)
+            return _reported(pool.map(fn, shards), progress, fold)
         finally:
             pool.shutdown(cancel_futures=True)  # after a failed shard, the shards not yet started never start
     # forkserver: workers fork from a clean server process, never from a parent that may hold threads.
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context) as pool:
-        return _reported(pool.map(fn, shards), progress)
+        return _reported(pool.map(fn, shards), progress, fold)
 
 
-def _reported(results: Iterable[R], progress: Callable[[int], None] | None) -> list[R]:
-    """The results as a list, calling `progress` with the count after each."""
-    done = []
+def _reported(results: Iterable[R], progress: Callable[[int], None] | None,
+              fold: Callable[[R, R], R] | None = None) -> list[R]:
+    """The results as a list (or, with `fold`, the one folded result), calling `progress` with the count after each."""
+    done, count = [], 0
     for result in results:
-        done.append(result)
+        count += 1
+        done = [fold(done[0], result)] if fold is not None and done else [*done, result]
         if progress is not None:
-            progress(len(done))
+            progress(count)
     return done
 
 
@@ -87,7 +92,7 @@ def usable_cores() -> int:
 
 
 def _ray_map(fn: Callable[[T], R], shards: Sequence[T], address: str,
-             progress: Callable[[int], None] | None = None) -> list[R]:
+             progress: Callable[[int], None] | None = None, fold: Callable[[R, R], R] | None = None) -> list[R]:
     import ray
 
     started = not ray.is_initialized()
@@ -99,7 +104,7 @@ def _ray_map(fn: Callable[[T], R], shards: Sequence[T], address: str,
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(fn)
         try:
-            return _reported((ray.get(ref) for ref in [task.remote(shard) for shard in shards]), progress)
+            return _reported((ray.get(ref) for ref in [task.remote(shard) for shard in shards]), progress, fold)
         except ray.exceptions.RayTaskError as error:
             if isinstance(error.cause, SegpipeError):  # a user error inside a task: one line, no traceback
                 raise SegpipeError(str(error.cause)) from None

@@ -193,7 +193,7 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
         images = min(count * config.shard_size, total)
         progress(f"shard {count}/{len(shards)} done ({images:,}/{total:,} images)")
 
-    parts = map_shards(_run_shard, shards, config.workers, config.address, progress=done)
+    parts = map_shards(_run_shard, shards, config.workers, config.address, progress=done, fold=_fold)
     if "health" in started:
         started["health"] = (started["health"], _other_splits(config.leakage_with, config, progress))
     data = {"inputs": {"dataset": config.dataset, "kind": truth.kind, "pred": config.pred, "compare": config.compare,
@@ -202,7 +202,8 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
     for section in SECTIONS:
         if section.name in sections:
             progress(f"merging {section.name}")
-            merged = [p[section.name] for p in parts]
+            merged = [part for p in parts for part in (p[section.name] if isinstance(p[section.name], _Kept)
+                                                       else [p[section.name]])]
             data[section.name] = (section.merge(merged, context, started[section.name]) if section.name in started
                                   else section.merge(merged, context))
     if "errors" in data:  # the label-error candidates, for people to look at (the review hand-off's CVAT file)
@@ -269,6 +270,27 @@ def _shards(truth: Truth, predictions: list[Predictions], context: Context, sect
                       for side, entries in [(truth.side, truth.entries), *((p.side, p.entries) for p in predictions)])
         shards.append(_Shard(images, sides, context, sections))
     return shards
+
+
+def _fold(done: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Two shards' parts as one, section by section: parts that add (`+=`: sums, counts, top-k lists) are added,
+    so the driver holds one of them whatever the number of shards; the others (health's image fingerprints,
+    AP's per-image matches, which their merge needs whole) are kept in a list. A merge gets a list either way."""
+    folded = {}
+    for name, mine in done.items():
+        theirs = part[name]
+        if isinstance(mine, _Kept):
+            mine.append(theirs)
+        elif hasattr(mine, "__iadd__"):
+            mine += theirs
+        else:
+            mine = _Kept([mine, theirs])
+        folded[name] = mine
+    return folded
+
+
+class _Kept(list):
+    """A section's parts that do not add, kept in shard order."""
 
 
 @without_cyclic_gc

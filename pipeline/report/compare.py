@@ -63,6 +63,12 @@ class PQPart:
     totals: list[pq.PQStats]
     resampled: np.ndarray  # (sets, resamples, 4, classes): TP, FP, FN, IoU sum
 
+    def __iadd__(self, other: PQPart) -> PQPart:
+        for mine, theirs in zip(self.totals, other.totals):
+            mine += theirs
+        self.resampled += other.resampled
+        return self
+
 
 def image_pq(truth: ImagePrediction, pred: ImagePrediction, category_index: dict[int, int]) -> pq.PQStats:
     """One image's PQ statistics, by the evaluator's matching (`pq.batch_stats`); unknown predicted categories VOID."""

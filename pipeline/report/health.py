@@ -479,7 +479,7 @@ def _image_duplicates(found: dict, fingerprints: list[tuple[str, Fingerprint]], 
             first_in.setdefault(split, image_id)
     hashes = np.asarray([f.phash for _, f in fingerprints], np.uint64)
     shas = [f.sha256 for _, f in fingerprints]
-    block = 256  # rows compared at once: 8 x block x n bytes of distances, however many images
+    block = max(1, (1 << 20) // max(len(hashes), 1))  # rows compared at once: about 8 MiB of XORs, whatever n
     for start in range(0, len(hashes), block):
         distance = np.bitwise_count(hashes[start:start + block, None] ^ hashes[None, :])
         for i, j in zip(*np.nonzero(distance <= settings.phash_distance)):
