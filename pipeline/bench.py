@@ -109,6 +109,8 @@ def _row(spec: dict, runs: list[dict], images: int) -> dict:
     if failed:
         return {**row, "error": failed, "numbers": None}
     seconds = statistics.median(r["seconds"] for r in runs)
+    retried = [r["retried_after"] for r in runs if "retried_after" in r]
+    row.update({"retried_after": retried} if retried else {})
     return {**row, "seconds": seconds, "runs_seconds": [r["seconds"] for r in runs], "images_per_s": images / seconds,
             "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "numbers": runs[0]["numbers"]}
@@ -194,13 +196,21 @@ def _x(speed: float | None) -> str:
 # --- one measurement, in a fresh process ------------------------------------------------------------
 
 
-def _child(spec: dict, paths: dict, cpus: list[int]) -> dict:
-    """Run one measurement in a fresh interpreter on `cpus`; a failure is recorded, not raised."""
+def _child(spec: dict, paths: dict, cpus: list[int], tries: int = 2) -> dict:
+    """Run one measurement in a fresh interpreter on `cpus`; a failure is recorded, not raised. A process that
+    fails is run once more (a shared machine, a rare crash at exit: see map_shards' known issue), and the
+    first failure stays in the result ("retried_after"), so a number that needed a second try says so."""
     arguments = json.dumps({**spec, "paths": {k: str(v) for k, v in paths.items()}, "cpus": cpus})
     done = subprocess.run([sys.executable, "-m", "pipeline.bench", arguments], capture_output=True, text=True)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
-        return {"error": lines[-1]}
+        error = f"exit code {done.returncode}: {lines[-1]}"
+        if tries > 1:
+            again = _child(spec, paths, cpus, tries - 1)
+            if "error" in again:
+                return {"error": f"{error}; again: {again['error']}"}
+            return {**again, "retried_after": error}
+        return {"error": error}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
