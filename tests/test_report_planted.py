@@ -93,3 +93,10 @@ def test_every_planted_problem_is_found(clean, tmp_path):
 def swapped_original(root, annotation):
     coco = json.loads((root / "annotations" / "instances_val.json").read_text())
     return next(a["category_id"] for a in coco["annotations"] if a["id"] == annotation["id"])
+
+
+def test_leakage_with_the_same_split_is_one_line(clean, tmp_path):
+    gt = str(clean / "annotations" / "instances_val.json")
+    result = runner.invoke(app, ["report", "--dataset", gt, "--leakage-with", gt, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "names the split 'val' again" in result.stderr
+    assert result.stderr.count("\n") == 1, result.output

@@ -100,8 +100,8 @@ def _health_shard(data: ShardData, context: Context) -> health.HealthPart:
 
 
 def _health_start(truth: Truth) -> dict:
-    """The whole-file checks (ids, categories, distribution): a JSON ground truth read again as written; a table
-    (checked when `segpipe convert` wrote it) gets its category counts from the shards' contents only."""
+    """The whole-file checks (ids, categories, distribution) of a JSON ground truth, read again as written; a table
+    gets none (`segpipe convert` checked its COCO file when it wrote it), only the shards' checks."""
     from pipeline.validate import read_coco
 
     coco = read_coco(truth.side.uri)[0] if truth.entries is not None else None
@@ -177,6 +177,9 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
         raise SegpipeError("--compare needs --pred (the two prediction sets compared)")
     if config.shard_size < 1:
         raise SegpipeError(f"--shard-size {config.shard_size}: need at least 1")
+    for uri in config.leakage_with:  # before any work
+        if _split_of(uri) == _split_of(config.dataset):
+            raise SegpipeError(f"{uri}: --leakage-with names the split {_split_of(uri)!r} again; give another split")
     progress(f"reading {config.dataset}")
     truth = open_truth(config.dataset)
     predictions = [open_predictions(uri, truth) for uri in (config.pred, config.compare) if uri]
@@ -221,10 +224,14 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
 
 
 def _split(truth: Truth) -> str:
+    return _split_of(truth.side.uri)
+
+
+def _split_of(uri: str) -> str:
     """The split a COCO file names (annotations/panoptic_val2017.json: val2017), else the file's stem."""
     import re
 
-    stem = truth.side.uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
+    stem = uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
     return re.sub(r"^(panoptic|instances)_", "", stem)
 
 
