@@ -196,10 +196,12 @@ def _instance(annotation: dict, position: int, image: Image, strict: bool = True
     """A COCO annotation or result as a segment; area and box from the file where it gives them (as COCO does).
     A mask that does not decode to the image's pixels: an error, or None when not `strict`."""
     try:
-        rle = Rle.from_coco(annotation["segmentation"], image.height, image.width)
-        runs = rle_counts(rle.counts)
-        if sum(runs) != image.height * image.width or min(runs, default=0) < 0:
-            raise ValueError(f"its runs cover {sum(runs)} pixels, the image has {image.height * image.width}")
+        segmentation = annotation["segmentation"]
+        rle = Rle.from_coco(segmentation, image.height, image.width)
+        if isinstance(segmentation, dict):  # an RLE, compressed or not, comes as written; polygons are rasterised
+            runs = rle_counts(rle.counts)
+            if sum(runs) != image.height * image.width or min(runs, default=0) < 0:
+                raise ValueError(f"its runs cover {sum(runs)} pixels, the image has {image.height * image.width}")
     except (KeyError, TypeError, ValueError) as error:
         if not strict:
             return None
