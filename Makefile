@@ -5,7 +5,7 @@ VENV   ?= .venv
 # torch builds from this machine's disk). Override on other hosts, e.g.
 # `make TORCH="torch==2.11.0 torchvision==0.26.0"`.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
-RAY    ?= ray[data,train]==2.60.0
+RAY    ?= ray[data,train,default]==2.60.0
 STAMP  := $(VENV)/.segpipe-installed
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q --disable-pip-version-check
