@@ -634,5 +634,29 @@ def bench_report(
     typer.echo(f"report: {out}")
 
 
+@app.command()
+@_user_errors
+def schedule(
+    job: Annotated[str, typer.Argument(help="A label job spec (YAML); its schedule section gives the cron expression.")],
+    once: Annotated[bool, typer.Option(help="Run one tick and exit (for cron, a systemd timer or an orchestrator).")] = False,
+    address: Address = None,
+) -> None:
+    """Label what is new in a label job's input, on its cron schedule: each tick labels the shards no earlier tick
+    committed, exactly once, under leases that let ticks overlap and a dead tick's work be taken over.
+
+    Example: segpipe schedule jobs/label.yaml --once
+    """
+    from pipeline import jobs
+    from pipeline.jobs import schedule as scheduled
+
+    loaded = jobs.load(job)
+    echo = functools.partial(typer.echo, err=True)
+    if once:
+        summary = scheduled.tick(loaded, address, progress=echo)
+        typer.echo(scheduled.describe(summary))
+        raise typer.Exit(summary.exit_code)
+    raise typer.Exit(scheduled.serve(loaded, address, progress=echo, report=lambda summary: typer.echo(scheduled.describe(summary))))
+
+
 def main() -> None:
     app()

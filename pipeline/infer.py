@@ -69,6 +69,8 @@ class InferConfig:
     flip_check: bool = False
     """Also label each image mirrored, for every segment's flip agreement (pipeline.signals); twice the model time."""
     address: str | None = None
+    shards: tuple[Shard, ...] | None = None
+    """Label exactly these shards of `input` instead of all it holds (a scheduled tick's batch)."""
 
 
 @dataclass
@@ -382,7 +384,7 @@ def run(config: InferConfig, progress: Callable[[str], None] = lambda line: None
         del model
     else:
         categories, panoptic = describe(config.model, config.settings)
-    shards = list_shards(config.input, config.files_per_shard)
+    shards = list(config.shards) if config.shards is not None else list_shards(config.input, config.files_per_shard)
     layout = _Layout(config.out, config.name)
     _start_or_resume(layout, _identity(config, shards))
     fs, _ = url_to_fs(layout.out)
