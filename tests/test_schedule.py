@@ -237,3 +237,17 @@ def test_bad_specs_are_one_line_before_any_work(tmp_path, data):
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("segpipe: error: ") and message in lines[0], (name, lines)
         assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_the_loop_waits_for_the_cron_time_and_stops_cleanly_on_sigterm(tmp_path, data):
+    job = tmp_path / "label.yaml"
+    job.write_text(f"kind: label\ninput: {data / 'shards'}\nout: {tmp_path / 'out'}\nmodel: segpipe_small\n"
+                   "random_weights: true\nschedule: {cron: '0 0 1 1 *'}\n")  # next tick: New Year
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "schedule", str(job)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stderr.readline()
+    assert first.startswith("next tick at ") and "-01-01T00:00:00" in first, first
+    process.send_signal(15)
+    _, rest = process.communicate(timeout=60)
+    assert process.returncode == 0 and rest.strip() == "stopped"
+    assert not (tmp_path / "out").exists()  # no tick ran
