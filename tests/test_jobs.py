@@ -101,5 +101,5 @@ def test_a_label_job_labels_its_input(dataset, tmp_path):
     assert result.exit_code == 0, result.output
     import pyarrow.parquet as pq
 
-    table = pq.read_table(tmp_path / "labels" / "predictions")
+    table = pq.read_table(sorted((tmp_path / "labels").glob("batches/*/predictions/*.parquet")))  # a tick's batch
     assert sorted(set(table.column("file_name").to_pylist())) == sorted(p.name for p in (dataset / "val").iterdir())

@@ -188,11 +188,11 @@ def run(job: Job, address: str | None = None, progress: Callable[[str], None] = 
 
 
 def _label(job: Job, address: str | None, progress: Callable[[str], None]) -> int:
-    from pipeline import infer
+    from pipeline.jobs import schedule
 
-    summary = infer.run(infer_config(job, address), progress=progress)
-    progress(f"{summary.images} images, {summary.segments} segments, {summary.failed} failed; labels in {job.spec['out']}")
-    return 1 if summary.failed else 0
+    summary = schedule.tick(job, address, progress=progress)  # one tick: what no earlier run committed
+    progress(schedule.describe(summary))
+    return summary.exit_code
 
 
 def _eval(job: Job, address: str | None, progress: Callable[[str], None]) -> int:
