@@ -56,7 +56,7 @@ def _filled(value: Any, schema: dict) -> Any:
     """`value` with the schema's defaults for the properties it leaves out, in nested objects too."""
     if not isinstance(value, dict) or "properties" not in schema:
         return value
-    return {**{key: sub["default"] for key, sub in schema["properties"].items() if "default" in sub and key not in value},
+    return {**{key: _filled(sub["default"], sub) for key, sub in schema["properties"].items() if "default" in sub and key not in value},
             **{key: _filled(item, schema["properties"].get(key, {})) for key, item in value.items()}}
 
 

@@ -44,6 +44,14 @@ def _protocols(fs) -> tuple[str, ...]:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
+def fresh(uri: str):
+    """`url_to_fs(uri)` with the filesystem's cached listings of `uri` dropped: other processes write there,
+    and s3fs would otherwise answer listings from what it saw before."""
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Write `uri` whole if it does not exist; False (and nothing written) if it does."""
     check_store(uri)
@@ -120,7 +128,7 @@ def state(folder: str) -> State:
 
 
 def _generations(folder: str) -> list[int]:
-    fs, path = url_to_fs(folder)
+    fs, path = fresh(folder)
     try:
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
@@ -197,6 +205,7 @@ class Heartbeat:
     leases: list[Lease]
     lost: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
     def __enter__(self) -> Heartbeat:
@@ -208,15 +217,21 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
 
+    def drop(self, lease: Lease) -> None:
+        """Stop renewing `lease` (before releasing it: a renewal racing the release would bring it back)."""
+        with self._lock:
+            self.leases.remove(lease)
+
     def _beat(self) -> None:
         interval = min(lease.seconds for lease in self.leases) / 3 if self.leases else 60
         while not self._stop.wait(interval):
-            for lease in self.leases:
-                if lease.folder in self.lost:
-                    continue
-                try:
-                    if not renew(lease):
-                        self.lost.add(lease.folder)
-                except OSError:  # the store hiccupped: the next beat tries again, well within the term
-                    pass
+            with self._lock:
+                for lease in self.leases:
+                    if lease.folder in self.lost:
+                        continue
+                    try:
+                        if not renew(lease):
+                            self.lost.add(lease.folder)
+                    except OSError:  # the store hiccupped: the next beat tries again, well within the term
+                        pass
 

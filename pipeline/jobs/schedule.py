@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass, field, replace
 import orjson
 
 from pipeline.errors import SegpipeError
+from pipeline.infer import InferConfig
 from pipeline.io.fs import is_hidden, join, parse_json, url_to_fs, write_bytes
 from pipeline.io.shards import Shard, list_shards
 from pipeline.jobs import Job, check, infer_config
-from pipeline.jobs.leases import (Heartbeat, Lease, State, abandon, acquire, check_store, create_exclusive, held, holder,
-                                  release, state)
+from pipeline.jobs.leases import (Heartbeat, Lease, State, abandon, acquire, check_store, create_exclusive, fresh, held,
+                                  holder, release, state)
 
 PLAN_LEASE_S = 60.0
 """Term of the planning lease (renewed while a tick plans, which takes seconds): how long a tick killed while
@@ -51,7 +52,8 @@ class Setup:
     out: str
     lease_seconds: float
     cron: str | None
-    config: object  # pipeline.infer.InferConfig over the whole input; each batch replaces `shards` and `out`
+    config: InferConfig
+    """The `segpipe infer` run over the whole input; each batch replaces its `shards` and `out`."""
 
     @property
     def files_per_shard(self) -> int:
@@ -217,7 +219,7 @@ def _planned(setup: Setup, who: dict, summary: TickSummary, progress: Callable[[
 
 def _versions(uri: str) -> dict[str, list]:
     """Every file under `uri` (a folder, a file or a glob) -> [size, version]: S3's ETag, else the mtime."""
-    fs, path = url_to_fs(uri)
+    fs, path = fresh(uri)
     if any(c in path for c in "*?["):
         found = fs.glob(path, detail=True)
     elif fs.isfile(path):
@@ -254,7 +256,7 @@ def _described(shard: Shard, files: list[str], versions: dict[str, list]) -> dic
 
 def _in_flight(out: str) -> dict[str, State]:
     """Batch id -> its lease's state, for every batch with a lease file (taken, not yet released)."""
-    fs, path = url_to_fs(join(out, "leases", "batches"))
+    fs, path = fresh(join(out, "leases", "batches"))
     batches = sorted({p[len(path):].strip("/").split("/", 1)[0] for p in fs.find(path)})
     return {batch: state(join(out, "leases", "batches", batch)) for batch in batches}
 
@@ -270,7 +272,7 @@ def _batch_shards(out: str, batch: str) -> list[dict]:
 
 def _commits(out: str) -> dict[str, dict]:
     """The manifest: batch id -> its commit, the files fetched concurrently (s3fs)."""
-    fs, path = url_to_fs(join(out, "manifest"))
+    fs, path = fresh(join(out, "manifest"))
     files = [p for p in fs.find(path) if p.endswith(".json") and not is_hidden(p[len(path):])]
     contents = fs.cat(files) if files else {}
     return {p.rsplit("/", 1)[-1][:-len(".json")]: parse_json(data, fs.unstrip_protocol(p)) for p, data in contents.items()}
@@ -297,6 +299,7 @@ def _label(setup: Setup, work: list[_Batch], summary: TickSummary, progress: Cal
                     result = infer.run(replace(setup.config, out=join(setup.out, "batches", batch.id), shards=shards),
                                        progress)
                 unfinished.remove(batch)
+                heartbeat.drop(batch.lease)
                 if result is None or batch.lease.folder in heartbeat.lost or not _commit(setup, batch, result, summary):
                     summary.lost.append(batch.id)
                     progress(f"batch {batch.id}: another tick took its lease over (it held it past its term); "
