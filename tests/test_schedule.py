@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 
 import fsspec
 import pytest
@@ -251,3 +252,26 @@ def test_the_loop_waits_for_the_cron_time_and_stops_cleanly_on_sigterm(tmp_path,
     _, rest = process.communicate(timeout=60)
     assert process.returncode == 0 and rest.strip() == "stopped"
     assert not (tmp_path / "out").exists()  # no tick ran
+
+
+def test_new_images_in_an_image_folder_become_new_shards_labeled_once(head, data, tmp_path):
+    """A folder has no stable shards (a new name shifts the later groups): a tick groups only the unclaimed images."""
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = sorted(p.name for p in (data / "val").iterdir())
+    for name in names[::2]:  # every other image first, so the later ones fall between them in name order
+        shutil.copy(data / "val" / name, folder / name)
+    job = _job(tmp_path, data, str(tmp_path), head)
+    job = replace(job, spec=job.spec | {"infer": job.spec["infer"] | {"files_per_shard": 4}})
+    first = tick(job)
+    assert (first.labeled, first.images) == (2, 6)  # 4 + 2
+    for name in names[1::2]:
+        shutil.copy(data / "val" / name, folder / name)
+    second = tick(job)
+    assert (second.labeled, second.committed_before, second.images) == (2, 2, 6)
+    assert _labeled_images(str(tmp_path)) == ALL_IMAGES
+    members = [shard["members"] for entry in _json_files(f"{tmp_path}/out/manifest", "/manifest/").values()
+               for shard in entry["shards"]]
+    assert sorted(m for group in members for m in group) == names and max(map(len, members)) == 4
