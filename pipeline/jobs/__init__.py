@@ -1,0 +1,1 @@
+"""Job specs: load, run, submit, schedule (placeholder until the lead's package lands on main)."""
