@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import time
@@ -632,6 +633,127 @@ def bench_report(
     run(Path(data), _counts(images, "--images"), height, width, workers, shard_size, Path(out), inputs=forms,
         echo=typer.echo)
     typer.echo(f"report: {out}")
+
+
+# --- submission to a Ray cluster: segpipe submit, segpipe jobs list | status | logs | stop -------------------
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster: list, status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+JobServer = Annotated[Optional[str], typer.Option("--address", help="Ray's job server (the dashboard), e.g. http://HEAD:8265. Default: RAY_ADDRESS, else http://127.0.0.1:8265.")]
+JobId = Annotated[str, typer.Argument(help="The submission id (segpipe submit prints it; segpipe jobs list lists them).")]
+
+
+def _ended(status: str) -> None:
+    """Exit 1 for a job that failed or was stopped."""
+    if status in ("FAILED", "STOPPED"):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def submit(
+    job: Annotated[str, typer.Argument(help="The job spec (YAML); checked here, before the cluster is contacted.")],
+    address: JobServer = None,
+    window: Annotated[Optional[str], typer.Option(help="A time window (e.g. a schedule tick's, 20261127T1415): one submission per spec and window.")] = None,
+    follow: Annotated[bool, typer.Option(help="Stream the job's logs until it ends; exit 1 if it failed or was stopped.")] = False,
+) -> None:
+    """Run a job spec on a Ray cluster (Ray's Job Submission API), shipping the spec and segpipe's code; the cluster
+    needs segpipe's dependencies. The same spec (and --window) submitted again attaches to the first submission,
+    unless that one failed or was stopped: then it is resubmitted as ID-retryN, and resumes.
+
+    Example: segpipe submit jobs/label.yaml --address http://head:8265 --follow
+    """
+    from pipeline import jobs
+    from pipeline.jobs import submit as submission
+
+    done = submission.submit(jobs.load(job), address, window)
+    verb = "attached to" if done.attached else "submitted"
+    typer.echo(f"{verb} {done.submission_id} ({done.status}) at {done.address}")
+    if follow:
+        status = submission.follow(submission.connect(address), done.submission_id, lambda text: typer.echo(text, nl=False))
+        typer.echo(f"{done.submission_id}: {status}")
+        _ended(status)
+
+
+@jobs_app.command("list")
+@_user_errors
+def jobs_list(
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON: one object per job.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Also jobs submitted by other tools than segpipe.")] = False,
+    address: JobServer = None,
+) -> None:
+    """The submitted segpipe jobs, oldest first: id, kind, status, start and end (UTC), Ray's message.
+
+    Example: segpipe jobs list --address http://head:8265 --json
+    """
+    from pipeline.jobs.submit import list_jobs
+
+    found = list_jobs(address, everything=all_)
+    if json_:
+        typer.echo(json.dumps(found, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    table = Table(Column("submission id", no_wrap=True), "kind", Column("status", no_wrap=True), "start", "end", "message")
+    for job in found:
+        table.add_row(*(job[key] or "" for key in ("submission_id", "kind", "status", "start_time", "end_time", "message")))
+    Console().print(table)
+
+
+@jobs_app.command("status")
+@_user_errors
+def jobs_status(
+    job: JobId,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    address: JobServer = None,
+) -> None:
+    """A submitted job's status; exit 1 if it failed or was stopped.
+
+    Example: segpipe jobs status segpipe-label-84c23cb89526fe1e --json
+    """
+    from pipeline.jobs.submit import status
+
+    found = status(job, address)
+    typer.echo(json.dumps(found, indent=1) if json_ else
+               "\n".join(f"{key}: {value}" for key, value in found.items() if key != "metadata" and value is not None))
+    _ended(found["status"])
+
+
+@jobs_app.command("logs")
+@_user_errors
+def jobs_logs(
+    job: JobId,
+    follow: Annotated[bool, typer.Option(help="Stream until the job ends; exit 1 if it failed or was stopped.")] = False,
+    address: JobServer = None,
+) -> None:
+    """A submitted job's logs (its driver's stdout and stderr).
+
+    Example: segpipe jobs logs segpipe-label-84c23cb89526fe1e --follow
+    """
+    from pipeline.jobs import submit as submission
+
+    if not follow:
+        typer.echo(submission.logs(job, address), nl=False)
+        return
+    _ended(submission.follow(submission.connect(address), job, lambda text: typer.echo(text, nl=False)))
+
+
+@jobs_app.command("stop")
+@_user_errors
+def jobs_stop(
+    job: JobId,
+    wait: Annotated[bool, typer.Option(help="Wait until it has stopped.")] = False,
+    address: JobServer = None,
+) -> None:
+    """Stop a submitted job; what it committed stays, and submitting the spec again resumes from there.
+
+    Example: segpipe jobs stop segpipe-label-84c23cb89526fe1e --wait
+    """
+    from pipeline.jobs.submit import stop
+
+    found = stop(job, address, wait=wait)
+    typer.echo(f"{job}: {found['status']}" + (" (submit the spec again to resume)" if found["status"] == "STOPPED" else ""))
 
 
 def main() -> None:
