@@ -84,9 +84,9 @@ def cluster(tmp_path_factory, kill_session):
 
 @pytest.fixture(scope="module")
 def label_spec(tmp_path_factory):
-    """A label job over 120 synthetic images in 15 shards: long enough to be stopped between two commits."""
+    """A label job over 240 synthetic images in 30 shards: long enough to be stopped between two commits."""
     root = tmp_path_factory.mktemp("label")
-    write_dataset(str(root / "data"), SynthConfig(images=120, split="val", seed=3, height=64, width=64, workers=1))
+    write_dataset(str(root / "data"), SynthConfig(images=240, split="val", seed=3, height=64, width=64, workers=1))
     spec = root / "label.yaml"
     spec.write_text(yaml.safe_dump({
         "kind": "label", "input": "data/val", "out": "labels", "model": "segpipe_small", "random_weights": True,
@@ -180,7 +180,7 @@ def test_a_stopped_job_resumes_when_submitted_again_and_a_done_one_is_attached(c
     stopped = runner.invoke(app, ["jobs", "stop", base, "--wait", "--address", cluster])
     assert stopped.exit_code == 0 and stopped.stdout.startswith(f"{base}: STOPPED")
     committed = len(list((out / "parts").glob("part-*.json")))
-    assert 1 <= committed < 15  # stopped between two commits
+    assert 1 <= committed < 30  # stopped between two commits
     status = runner.invoke(app, ["jobs", "status", base, "--json", "--address", cluster])
     assert status.exit_code == 1 and json.loads(status.stdout)["status"] == "STOPPED"
 
@@ -192,19 +192,19 @@ def test_a_stopped_job_resumes_when_submitted_again_and_a_done_one_is_attached(c
     assert submission.follow(client, f"{base}-retry1", followed.append) == "SUCCEEDED"
     logs = submission.logs(f"{base}-retry1", cluster)
     assert "".join(followed) == logs  # every line once, though each stream ended after one chunk
-    assert client.streams >= 2 and "120 images" in logs
+    assert client.streams >= 2 and "240 images" in logs
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["shards_resumed"] == committed and summary["images"] == 120 and summary["failed"] == 0
+    assert summary["shards_resumed"] == committed and summary["images"] == 240 and summary["failed"] == 0
     predictions = pq.read_table(out / "predictions", columns=["image_id"])
-    assert len(set(predictions["image_id"].to_pylist())) == len(json.loads((out / "panoptic_pred.json").read_text())["images"]) == 120
+    assert len(set(predictions["image_id"].to_pylist())) == len(json.loads((out / "panoptic_pred.json").read_text())["images"]) == 240
 
     # The same spec again: the done submission is the work; nothing new starts.
     count = len(submission.list_jobs(cluster))
     attached = runner.invoke(app, ["submit", str(label_spec), "--address", cluster, "--follow"])
     assert attached.exit_code == 0
     assert attached.stdout.startswith(f"attached to {base}-retry1 (SUCCEEDED) at {cluster}\n")
-    assert attached.stdout.endswith(f"{base}-retry1: SUCCEEDED\n") and "120 images" in attached.stdout
+    assert attached.stdout.endswith(f"{base}-retry1: SUCCEEDED\n") and "240 images" in attached.stdout
     assert len(submission.list_jobs(cluster)) == count == 2
 
     status = runner.invoke(app, ["jobs", "status", f"{base}-retry1", "--json", "--address", cluster])

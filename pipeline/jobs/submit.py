@@ -85,7 +85,8 @@ def _answers(address: str, job: str | None = None) -> Iterator[None]:
     except RuntimeError as error:
         if job is not None and "status code 404" in str(error):
             raise SegpipeError(f"job {job}: no such job at {address}") from None
-        raise SegpipeError(f"Ray's job server at {address}: {str(error).strip()}") from None
+        last = str(error).strip().splitlines()[-1]  # a server error's text can be a whole traceback: its end says what
+        raise SegpipeError(f"Ray's job server at {address}: {last.strip()}") from None
 
 
 def _token() -> str | None:
@@ -157,15 +158,15 @@ def submit(job, address: str | None = None, window: str | None = None) -> Submis
                 **({"segpipe_window": window} if window else {})}
     with tempfile.TemporaryDirectory(prefix="segpipe-submit-") as folder:
         working_dir = package({"kind": job.kind, **job.spec}, Path(folder))
-        try:
-            client.submit_job(entrypoint=ENTRYPOINT, submission_id=chosen, metadata=metadata,
-                              runtime_env={"working_dir": str(working_dir)})
-        except RuntimeError as error:
-            if "already exists" not in str(error):
-                with _answers(address):
+        with _answers(address):
+            try:
+                client.submit_job(entrypoint=ENTRYPOINT, submission_id=chosen, metadata=metadata,
+                                  runtime_env={"working_dir": str(working_dir)})
+            except RuntimeError as error:
+                if "already exists" not in str(error):
                     raise
-            # another submit of the same spec got there first: that one is the work
-            return Submission(chosen, str(client.get_job_status(chosen)), True, address)
+                # another submit of the same spec got there first: that one is the work
+                return Submission(chosen, str(client.get_job_status(chosen)), True, address)
     return Submission(chosen, "PENDING", False, address)
 
 
