@@ -553,6 +553,25 @@ def report(
     typer.echo(f"report: {result.html}")
 
 
+@app.command("run")
+@_user_errors
+def run_job(
+    job: Annotated[str, typer.Argument(help="The job spec (YAML; kind: label, eval, engine or report; see jobs/).")],
+    address: Address = None,
+) -> None:
+    """Run a job spec here: label, eval, engine or report, checked against schemas/KIND-job.json first.
+
+    A label job labels the input's shards that no earlier run committed (run it again: it does only what is new).
+
+    Example: segpipe run jobs/label.yaml
+    """
+    from pipeline import jobs
+
+    spec = jobs.load(job)
+    code = jobs.run(spec, address=address, progress=lambda line: typer.echo(line, err=True))
+    raise typer.Exit(code)
+
+
 @bench_app.command("eval")
 @_user_errors
 def bench_eval(
