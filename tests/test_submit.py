@@ -221,3 +221,15 @@ def test_a_stopped_job_resumes_when_submitted_again_and_a_done_one_is_attached(c
     assert printed.exit_code == 0 and printed.stdout == logs
     failed = runner.invoke(app, ["jobs", "logs", base, "--follow", "--address", cluster])
     assert failed.exit_code == 1  # a stopped job's logs end in exit 1
+
+
+def test_a_server_that_asks_for_a_token_is_one_line_without_the_right_one(cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    result = runner.invoke(app, ["jobs", "list", "--address", cluster])
+    assert result.exit_code == 2
+    assert result.stderr == (f"segpipe: error: Ray's job server at {cluster} asks for a token; none in RAY_AUTH_TOKEN, "
+                             "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    result = runner.invoke(app, ["jobs", "list", "--address", cluster])
+    assert result.exit_code == 2 and result.stderr.startswith(f"segpipe: error: Ray's job server at {cluster} refused the token")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -136,7 +137,7 @@ def package(spec: dict, folder: Path) -> Path:
 
     shutil.copytree(Path(pipeline.__file__).parent, folder / "pipeline",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (folder / SPEC_NAME).write_text(yaml.safe_dump(spec, sort_keys=False))
+    (folder / SPEC_NAME).write_text(yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))  # tuples as lists
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     if size >= PACKAGE_LIMIT:
         raise SegpipeError(f"{Path(pipeline.__file__).parent}: {size / 2**20:.0f} MiB to ship, over the "
