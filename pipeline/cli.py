@@ -714,9 +714,14 @@ def jobs_list(
     from rich.console import Console
     from rich.table import Column, Table
 
-    table = Table(Column("submission id", no_wrap=True), "kind", Column("status", no_wrap=True), "start", "end", "message")
+    def when(iso: str | None) -> str:
+        return iso.replace("T", " ").removesuffix("+00:00") if iso else ""
+
+    table = Table(Column("submission id", no_wrap=True), "kind", Column("status", no_wrap=True), Column("start (UTC)", overflow="fold"),
+                  Column("end (UTC)", overflow="fold"), Column("message", overflow="fold"))
     for job in found:
-        table.add_row(*(job[key] or "" for key in ("submission_id", "kind", "status", "start_time", "end_time", "message")))
+        table.add_row(job["submission_id"], job["kind"] or "", job["status"], when(job["start_time"]),
+                      when(job["end_time"]), job["message"] or "")
     Console().print(table)
 
 

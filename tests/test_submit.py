@@ -84,13 +84,13 @@ def cluster(tmp_path_factory, kill_session):
 
 @pytest.fixture(scope="module")
 def label_spec(tmp_path_factory):
-    """A label job over 240 synthetic images in 30 shards: long enough to be stopped between two commits."""
+    """A label job over 120 synthetic images in 30 shards: long enough to be stopped between two commits."""
     root = tmp_path_factory.mktemp("label")
-    write_dataset(str(root / "data"), SynthConfig(images=240, split="val", seed=3, height=64, width=64, workers=1))
+    write_dataset(str(root / "data"), SynthConfig(images=120, split="val", seed=3, height=64, width=64, workers=1))
     spec = root / "label.yaml"
     spec.write_text(yaml.safe_dump({
         "kind": "label", "input": "data/val", "out": "labels", "model": "segpipe_small", "random_weights": True,
-        "categories": "data/annotations/panoptic_val.json", "infer": {"batch_size": 4, "files_per_shard": 8}}))
+        "categories": "data/annotations/panoptic_val.json", "infer": {"batch_size": 4, "files_per_shard": 4}}))
     return spec
 
 
@@ -146,17 +146,19 @@ def test_a_window_is_a_submission_of_its_own():
 def test_the_package_holds_the_code_its_schemas_and_the_resolved_spec(tmp_path):
     import pipeline
 
-    folder = submission.package({"kind": "label", "out": "/abs/labels"}, tmp_path)
-    source = Path(pipeline.__file__).parent
+    runtime_env = submission.package({"kind": "label", "out": "/abs/labels", "infer": {"pair": (1, 2)}}, tmp_path)
+    shipped, source = Path(runtime_env["py_modules"][0]), Path(pipeline.__file__).parent
 
     def files(root: Path) -> set[str]:  # links followed, as Ray's packaging follows them
         return {os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root, followlinks=True)
                 for name in names if "__pycache__" not in folder}
 
-    assert files(folder / "pipeline") == files(source) and not list(folder.rglob("__pycache__"))
+    assert shipped.name == "pipeline" and files(shipped) == files(source) and not list(shipped.rglob("__pycache__"))
     # pipeline/schemas is a link to the repository's schemas/: shipped as files, so the cluster checks the same
-    assert (folder / "pipeline" / "schemas" / "predictions.json").read_bytes() == (source / "schemas" / "predictions.json").read_bytes()
-    assert yaml.safe_load((folder / submission.SPEC_NAME).read_text()) == {"kind": "label", "out": "/abs/labels"}
+    assert (shipped / "schemas" / "predictions.json").read_bytes() == (source / "schemas" / "predictions.json").read_bytes()
+    assert os.listdir(runtime_env["working_dir"]) == [submission.SPEC_NAME]
+    assert yaml.safe_load((Path(runtime_env["working_dir"]) / submission.SPEC_NAME).read_text()) == \
+        {"kind": "label", "out": "/abs/labels", "infer": {"pair": [1, 2]}}
 
 
 def test_an_unknown_job_is_one_line(cluster):
@@ -192,19 +194,19 @@ def test_a_stopped_job_resumes_when_submitted_again_and_a_done_one_is_attached(c
     assert submission.follow(client, f"{base}-retry1", followed.append) == "SUCCEEDED"
     logs = submission.logs(f"{base}-retry1", cluster)
     assert "".join(followed) == logs  # every line once, though each stream ended after one chunk
-    assert client.streams >= 2 and "240 images" in logs
+    assert client.streams >= 2 and "120 images" in logs
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["shards_resumed"] == committed and summary["images"] == 240 and summary["failed"] == 0
+    assert summary["shards_resumed"] == committed and summary["images"] == 120 and summary["failed"] == 0
     predictions = pq.read_table(out / "predictions", columns=["image_id"])
-    assert len(set(predictions["image_id"].to_pylist())) == len(json.loads((out / "panoptic_pred.json").read_text())["images"]) == 240
+    assert len(set(predictions["image_id"].to_pylist())) == len(json.loads((out / "panoptic_pred.json").read_text())["images"]) == 120
 
     # The same spec again: the done submission is the work; nothing new starts.
     count = len(submission.list_jobs(cluster))
     attached = runner.invoke(app, ["submit", str(label_spec), "--address", cluster, "--follow"])
     assert attached.exit_code == 0
     assert attached.stdout.startswith(f"attached to {base}-retry1 (SUCCEEDED) at {cluster}\n")
-    assert attached.stdout.endswith(f"{base}-retry1: SUCCEEDED\n") and "240 images" in attached.stdout
+    assert attached.stdout.endswith(f"{base}-retry1: SUCCEEDED\n") and "120 images" in attached.stdout
     assert len(submission.list_jobs(cluster)) == count == 2
 
     status = runner.invoke(app, ["jobs", "status", f"{base}-retry1", "--json", "--address", cluster])
@@ -233,3 +235,20 @@ def test_a_server_that_asks_for_a_token_is_one_line_without_the_right_one(cluste
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     result = runner.invoke(app, ["jobs", "list", "--address", cluster])
     assert result.exit_code == 2 and result.stderr.startswith(f"segpipe: error: Ray's job server at {cluster} refused the token")
+
+
+def test_a_failed_job_is_submitted_again_as_the_next_retry(cluster, tmp_path):
+    from pipeline import jobs
+
+    spec = tmp_path / "missing.yaml"
+    spec.write_text(yaml.safe_dump({"kind": "label", "input": "nowhere", "out": "labels", "model": "segpipe_small",
+                                    "random_weights": True}))
+    base = submission.submission_id(jobs.load(str(spec)).digest, "label")
+    for attempt in (base, f"{base}-retry1"):
+        result = runner.invoke(app, ["submit", str(spec), "--address", cluster, "--follow"])
+        assert result.exit_code == 1  # the job failed: its one line is in its logs, and it ends FAILED
+        assert result.stdout.startswith(f"submitted {attempt} (PENDING) at {cluster}\n")
+        assert f"job.yaml: input: {tmp_path / 'nowhere'}: no such file or folder" in result.stdout
+        assert result.stdout.endswith(f"{attempt}: FAILED\n")
+    listed = [job["submission_id"] for job in submission.list_jobs(cluster) if job["digest"] == jobs.load(str(spec)).digest]
+    assert sorted(listed) == [base, f"{base}-retry1"]

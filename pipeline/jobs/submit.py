@@ -2,7 +2,7 @@
 
     segpipe submit JOB.yaml --address http://HEAD:8265
       -> the spec, loaded and checked here (a bad spec fails before the cluster is contacted), written with its
-         paths resolved into a folder beside a copy of the `pipeline` package: the job's working_dir
+         paths resolved as the job's working_dir; a copy of the `pipeline` package as its py_modules
       -> submission id `segpipe-<kind>-<16 hex of the spec's digest>[-<window>]`: the same spec (in the same
          window) is the same submission, so a second submit attaches to the first instead of running it twice
       -> on the cluster: `python -m pipeline run job.yaml --address auto`, importing the shipped package
@@ -37,7 +37,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SPEC_NAME = "job.yaml"
 ENTRYPOINT = f"python -m pipeline run {SPEC_NAME} --address auto"
 PACKAGE_LIMIT = 100 << 20
-"""What the job server takes as a working_dir (it refuses larger uploads)."""
+"""What the job server takes as a package (it refuses larger uploads)."""
 ATTACHABLE = ("PENDING", "RUNNING", "SUCCEEDED")
 """A submission in one of these is the work, done or under way: submitting again attaches to it."""
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -130,19 +130,24 @@ def connect(address: str | None = None):
         os.environ.update(hidden)
 
 
-def package(spec: dict, folder: Path) -> Path:
-    """`folder` as the job's working_dir: the `pipeline` package (links followed: its schemas come along) and the
-    resolved spec; refused when it is larger than the job server takes."""
+def package(spec: dict, folder: Path) -> dict:
+    """The job's runtime_env: a copy of the `pipeline` package as a Python module (links followed: its schemas come
+    along) and the resolved spec as the working_dir; refused when the package is larger than the job server takes.
+
+    The package travels apart from the spec so that one version of the code is one upload, unpacked once per node
+    and shared by every job: numba compiles the matcher's kernels on the first import of a fresh copy (about 20
+    CPU-seconds) and caches them beside it, where the next job finds them."""
     import pipeline
 
-    shutil.copytree(Path(pipeline.__file__).parent, folder / "pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (folder / SPEC_NAME).write_text(yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))  # tuples as lists
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    source = Path(pipeline.__file__).parent
+    shutil.copytree(source, folder / "code" / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    size = sum(f.stat().st_size for f in (folder / "code").rglob("*") if f.is_file())
     if size >= PACKAGE_LIMIT:
-        raise SegpipeError(f"{Path(pipeline.__file__).parent}: {size / 2**20:.0f} MiB to ship, over the "
-                           f"{PACKAGE_LIMIT >> 20} MiB the job server takes; move data out of the package folder")
-    return folder
+        raise SegpipeError(f"{source}: {size / 2**20:.0f} MiB to ship, over the {PACKAGE_LIMIT >> 20} MiB the job "
+                           "server takes; move data out of the package folder")
+    (folder / "spec").mkdir()
+    (folder / "spec" / SPEC_NAME).write_text(yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))  # tuples as lists
+    return {"py_modules": [str(folder / "code" / "pipeline")], "working_dir": str(folder / "spec")}
 
 
 def submit(job, address: str | None = None, window: str | None = None) -> Submission:
@@ -155,14 +160,13 @@ def submit(job, address: str | None = None, window: str | None = None) -> Submis
     if attempts and attempts[-1][2] in ATTACHABLE:
         return Submission(attempts[-1][1], attempts[-1][2], True, address)
     chosen = f"{base}-retry{attempts[-1][0] + 1}" if attempts else base
-    metadata = {"segpipe_kind": job.kind, "segpipe_digest": job.digest, "segpipe_spec": str(job.path),
+    metadata = {"segpipe_kind": job.kind, "segpipe_digest": job.digest, "segpipe_spec": job.path if "://" in job.path else str(Path(job.path).resolve()),
                 **({"segpipe_window": window} if window else {})}
     with tempfile.TemporaryDirectory(prefix="segpipe-submit-") as folder:
-        working_dir = package({"kind": job.kind, **job.spec}, Path(folder))
+        runtime_env = package({"kind": job.kind, **job.spec}, Path(folder))
         with _answers(address):
             try:
-                client.submit_job(entrypoint=ENTRYPOINT, submission_id=chosen, metadata=metadata,
-                                  runtime_env={"working_dir": str(working_dir)})
+                client.submit_job(entrypoint=ENTRYPOINT, submission_id=chosen, metadata=metadata, runtime_env=runtime_env)
             except RuntimeError as error:
                 if "already exists" not in str(error):
                     raise
