@@ -17,7 +17,7 @@ import os
 import pickle
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -33,6 +33,7 @@ from pipeline.io.shards import Shard, list_shards, read_shard
 from pipeline.io.tables import read_predictions, write_predictions
 from pipeline.models import PROPOSALS, ModelSettings, check_model_name, describe, family  # noqa: F401 (ModelSettings: for callers)
 from pipeline.models.outputs import PanopticPostprocess, Postprocess
+from pipeline.progress import Progress, quiet
 from pipeline.signals import flip_agreement
 from pipeline.structures import ImagePrediction, encode_panoptic_png
 
@@ -369,7 +370,7 @@ def _image_info(uri: str | None) -> dict | None:
             for im in images}
 
 
-def run(config: InferConfig, progress: Callable[[str], None] = lambda line: None) -> Summary:
+def run(config: InferConfig, progress: Progress = quiet) -> Summary:
     """Label every image under `config.input`; resumes a run that `config.out` already holds."""
     if config.batch_size < 1 or config.actors < 1 or config.gpus_per_actor < 0:
         raise SegpipeError("--batch-size and --actors must be at least 1, --gpus-per-actor at least 0")
@@ -405,7 +406,7 @@ def run(config: InferConfig, progress: Callable[[str], None] = lambda line: None
 
 
 def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _Layout, panoptic: bool,
-           summary: Summary, progress: Callable[[str], None]) -> None:
+           summary: Summary, progress: Progress) -> None:
     import logging
 
     import ray
@@ -475,7 +476,7 @@ def _ray_failure(error: Exception) -> str:
 
 
 def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], layout: _Layout, panoptic: bool,
-             summary: Summary, progress: Callable[[str], None], total: int) -> None:
+             summary: Summary, progress: Progress, total: int) -> None:
     """Gather each shard's rows; commit a shard as soon as all of them are in."""
     run_id = read_json(layout.run)["run_id"]
     pending: dict[int, dict[int, dict]] = {}
@@ -483,6 +484,7 @@ def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], lay
     actors: dict[int, dict] = {}
     committed, last_report, start = 0, time.perf_counter(), time.perf_counter()
     first_commit: tuple[float, int] | None = None
+    progress(f"shards 0/{total}", 0, total)
     for row in rows:
         index, chunk = int(row["shard"]), pickle.loads(row["payload"])
         pending.setdefault(index, {})[int(row["chunk"])] = chunk
@@ -507,11 +509,11 @@ def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], lay
                 first_commit = (now, summary.images)
             elif now > first_commit[0]:
                 summary.steady_images_per_s = (summary.images - first_commit[1]) / (now - first_commit[0])
-            if time.perf_counter() - last_report > 5 or committed == total:
-                last_report = time.perf_counter()
-                rate = summary.images / (last_report - start)
+            if now - last_report > 5 or committed == total:  # a line every 5 s in a log
+                last_report = now
+                rate = summary.images / (now - start)
                 progress(f"shards {committed}/{total}, {summary.images} images ({rate:.1f}/s), "
-                         f"{summary.failed} failed")
+                         f"{summary.failed} failed", committed, total)
     if pending:
         raise RuntimeError(f"shards {sorted(pending)} ended incomplete")  # a bug, not a user error
     summary.actors = sorted(actors.values(), key=lambda a: a["pid"])
