@@ -15,8 +15,8 @@ from pipeline import validate as validate_stage
 from pipeline.cluster import RAY_LOGS, quiet_native_logs
 from pipeline.errors import SegpipeError
 from pipeline.io.fs import write_json
-from pipeline.progress import show_table, shown
 from pipeline.models import MODELS
+from pipeline.progress import show_table, shown
 
 # The groups `segpipe --help` lists the verbs in (rich_help_panel of every command and sub-app).
 DATA = "Data"
@@ -102,7 +102,7 @@ def synth(
 ) -> None:
     """Write a synthetic COCO dataset: JPEGs, instances and panoptic JSON, panoptic PNGs.
 
-    Example: segpipe synth demo --images 200 --split train --seed 0 --shard-size 50
+    Example: segpipe synth demo-out --images 200 --split train --seed 0 --shard-size 50
     """
     height, width = _size(size)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", split):
@@ -126,7 +126,7 @@ def validate(
 ) -> None:
     """Check a COCO file: one line per problem on stdout, exit 1 if there are any.
 
-    Example: segpipe validate demo/annotations/panoptic_val.json --images demo/val
+    Example: segpipe validate demo-out/annotations/panoptic_val.json --images demo-out/val
     """
     report = validate_stage.validate(file, folder=png_dir, images_folder=images)
     for problem in report.problems:
@@ -207,7 +207,7 @@ def infer(
     automatic mask generator: category 1 "object", score = predicted IoU, stability = SAM's stability score.
     Exit 1 when some images could not be used (listed in OUT/errors.parquet).
 
-    Example: segpipe infer --input demo/val --model segpipe_small --weights demo/model/model.pt --out demo/labels-val
+    Example: segpipe infer --input demo-out/val --model segpipe_small --weights demo-out/model/model.pt --out demo-out/labels-val
     """
     from pipeline import infer as infer_stage
     from pipeline.io.fs import read_json
@@ -268,7 +268,7 @@ def filter_command(
 
     Every candidate segment is kept or rejected (with the first rule that rejected it).
 
-    Example: segpipe filter --pred demo/labels-pool --out demo/kept --min-score 0.3 --min-stability 0.9
+    Example: segpipe filter --pred demo-out/engine/round-1/infer --out kept --min-score 0.3 --min-stability 0.9
     """
     from pipeline.filtering import TUNABLE, FilterRules, Thresholds, run
 
@@ -366,7 +366,7 @@ def engine_status(
 ) -> None:
     """The rounds so far: candidates, kept, audit precision, held-out PQ, promoted.
 
-    Example: segpipe engine status demo/engine
+    Example: segpipe engine status demo-out/engine
     """
     from pipeline import engine
 
@@ -458,8 +458,8 @@ def train(
 ) -> None:
     """Train a model on Ray Train (data-parallel), validated by PQ and AP; resumable.
 
-    Example: segpipe train --train demo/annotations/panoptic_train.json --val demo/annotations/panoptic_val.json
-    --model segpipe_small --steps 200 --out demo/model
+    Example: segpipe train --train demo-out/annotations/panoptic_train.json --val demo-out/annotations/panoptic_val.json
+    --model segpipe_small --steps 200 --out demo-out/model
     """
     from dataclasses import replace
 

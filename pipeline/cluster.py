@@ -50,7 +50,10 @@ def quiet_native_logs() -> None:
     For the `segpipe` command's process only: it rewires the process's descriptors."""
     import atexit
 
-    terminal = os.dup(2)
+    try:
+        terminal = os.dup(2)
+    except OSError:  # no descriptor 2 at all (a daemon): nothing reaches a terminal anyway
+        return
     sys.stderr.flush()
     sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
     read, write = os.pipe()
