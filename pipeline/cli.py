@@ -13,7 +13,7 @@ import typer
 from pipeline import synth as synth_stage
 from pipeline import validate as validate_stage
 from pipeline.cluster import RAY_LOGS, quiet_native_logs
-from pipeline.errors import SegpipeError
+from pipeline.errors import SegpipeError, WorkFailed
 from pipeline.io.fs import write_json
 from pipeline.models import MODELS
 from pipeline.progress import show_table, shown
@@ -59,11 +59,15 @@ Threads = Annotated[Optional[int], typer.Option(min=0, help="With --workers 1: s
 
 
 def _user_errors(command):
-    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+    """Bad input ends in one line on stderr and exit code 2, never a traceback; work that failed where it ran, in
+    one line and exit code 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except WorkFailed as error:
+            typer.echo(f"segpipe: error: {error}", err=True)
+            raise typer.Exit(1) from None
         except SegpipeError as error:
             typer.echo(f"segpipe: error: {error}", err=True)
         except OSError as error:  # the filesystem refused (permissions, disk full, bad bucket)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cluster import connect
-from pipeline.errors import SegpipeError
+from pipeline.errors import SegpipeError, WorkFailed
 from pipeline.io.decode import ImageDecodeError, decode_image
 from pipeline.io.fs import absolute, join, read_json, url_to_fs, write_bytes, write_json
 from pipeline.io.shards import Shard, list_shards, read_shard
@@ -451,7 +451,7 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
         try:
             _collect(rows, config, shards, layout, panoptic, summary, progress, len(todo))
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
-            raise SegpipeError(_ray_failure(error)) from None
+            raise _ray_failure(error) from None
         finally:
             for name, value in saved.items():
                 setattr(context, name, value)
@@ -462,17 +462,18 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
             summary.ray_s += time.perf_counter() - stop_start
 
 
-def _ray_failure(error: Exception) -> str:
-    """One line for a failure inside Ray: a SegpipeError raised in a worker keeps its own message."""
+def _ray_failure(error: Exception) -> SegpipeError:
+    """One line for a failure inside Ray: a SegpipeError raised in a worker keeps its own message; a crash is
+    WorkFailed (exit 1), not bad input."""
     text = str(error)
     for line in text.splitlines():
         if "SegpipeError: " in line:
-            return line.split("SegpipeError: ", 1)[1].strip()
+            return SegpipeError(line.split("SegpipeError: ", 1)[1].strip())
     if isinstance(error, TimeoutError) or "Timed out while starting actors" in text:
-        return (f"the model actors did not start within {ACTOR_START_TIMEOUT_S} s; the cluster may lack the "
-                "CPUs, GPUs or memory they ask for")
+        return SegpipeError(f"the model actors did not start within {ACTOR_START_TIMEOUT_S} s; the cluster may lack "
+                            "the CPUs, GPUs or memory they ask for")
     last = [line for line in text.splitlines() if line.strip()][-1:] or [type(error).__name__]
-    return f"inference failed on the cluster: {last[0].strip()}"
+    return WorkFailed(f"inference failed on the cluster: {last[0].strip()}")
 
 
 def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], layout: _Layout, panoptic: bool,

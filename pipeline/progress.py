@@ -50,8 +50,8 @@ def shown(console: Console | None = None) -> Iterator[Progress]:
     if not console.is_terminal:
         yield lines(lambda line: print(line, file=console.file, flush=True))
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, SpinnerColumn, TextColumn, \
-        TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
 
     with Bar(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
              TimeElapsedColumn(), console=console, transient=True) as bar:

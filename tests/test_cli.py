@@ -85,3 +85,32 @@ def test_every_command_has_a_runnable_looking_example():
         shown = CliRunner().invoke(app, [*path, "--help"]).stdout
         assert f"Example: segpipe {' '.join(path)} " in " ".join(shown.replace("│", " ").split()), path
 
+
+
+def test_work_that_failed_where_it_ran_is_one_line_and_exit_1_bad_input_exit_2():
+    """A crash on the cluster (not the user's input) is exit 1, a user error exit 2; both one line, no traceback.
+    The crash text is what Ray gives for a worker that died (infer's and train's one-line recovery of it)."""
+    import typer
+
+    from pipeline.cli import _user_errors
+    from pipeline.errors import SegpipeError, WorkFailed
+    from pipeline.infer import _ray_failure
+    from pipeline.train import _worker_error
+
+    crash = RuntimeError("ray.exceptions.ActorDiedError: The actor died unexpectedly\n  worker exit code 137\n")
+    user = RuntimeError("Traceback (most recent call last):\npipeline.errors.SegpipeError: a.jpg: truncated\n")
+    assert type(_ray_failure(crash)) is WorkFailed and str(_ray_failure(crash)).endswith("worker exit code 137")
+    assert type(_worker_error(crash)) is WorkFailed and str(_worker_error(crash)).startswith("training failed: ")
+    assert [type(f(user)) for f in (_ray_failure, _worker_error)] == [SegpipeError, SegpipeError]
+    assert str(_ray_failure(user)) == str(_worker_error(user)) == "a.jpg: truncated"
+
+    for error, code in ((_ray_failure(crash), 1), (_ray_failure(user), 2)):
+        tiny = typer.Typer()
+
+        @tiny.command()
+        @_user_errors
+        def fail() -> None:
+            raise error
+
+        result = CliRunner().invoke(tiny, [])
+        assert result.exit_code == code and result.stderr == f"segpipe: error: {error}\n", result.output

@@ -14,7 +14,7 @@ from importlib.metadata import version
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import SegpipeError
+from pipeline.errors import SegpipeError, WorkFailed
 from pipeline.fusion import FusionConfig
 from pipeline.io.fs import absolute, join, read_json, url_to_fs, write_bytes, write_json
 from pipeline.models import PANOPTIC, check_model_name, family
@@ -227,7 +227,7 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None, progr
             with _relayed(updates, progress):
                 result = trainer.fit()
         except ray.train.TrainingFailedError as error:
-            raise SegpipeError(_worker_error(error)) from None
+            raise _worker_error(error) from None
         if result.checkpoint is None:
             raise SegpipeError(f"{out}: training ended without a checkpoint")
         with result.checkpoint.as_directory() as folder:
@@ -271,18 +271,19 @@ def _loop(config: dict) -> None:
     train_loop(config["plan"])
 
 
-def _worker_error(error: Exception) -> str:
-    """One line for a failed run: a worker's SegpipeError as it is, anything else by type and message."""
+def _worker_error(error: Exception) -> SegpipeError:
+    """One line for a failed run: a worker's SegpipeError as it is, anything else (a crash: WorkFailed, exit 1)
+    by type and message."""
     failures = getattr(error, "worker_failures", None) or {}
     for failure in failures.values():
         seen = failure
         while seen is not None:
             if isinstance(seen, SegpipeError):
-                return str(seen)
+                return SegpipeError(str(seen))
             seen = getattr(seen, "cause", None) or seen.__cause__
     first = next(iter(failures.values()), error)
     for line in str(first).splitlines():
         if "SegpipeError: " in line:
-            return line.split("SegpipeError: ", 1)[1].strip()
+            return SegpipeError(line.split("SegpipeError: ", 1)[1].strip())
     lines = [line for line in str(first).strip().splitlines() if line.strip()]
-    return f"training failed: {lines[-1] if lines else type(first).__name__}"
+    return WorkFailed(f"training failed: {lines[-1] if lines else type(first).__name__}")
