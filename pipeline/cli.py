@@ -462,8 +462,8 @@ def train(
 ) -> None:
     """Train a model on Ray Train (data-parallel), validated by PQ and AP; resumable.
 
-    Example: segpipe train --train demo-out/annotations/panoptic_train.json --val demo-out/annotations/panoptic_val.json
-    --model segpipe_small --steps 200 --out demo-out/model
+    Example: segpipe train --train demo-out/annotations/panoptic_train.json \\
+    --val demo-out/annotations/panoptic_val.json --model segpipe_small --steps 200 --out demo-out/model
     """
     from dataclasses import replace
 
