@@ -617,6 +617,26 @@ def report(
                 ("seconds", f"{time.perf_counter() - start:.1f}")])
 
 
+@app.command("run", rich_help_panel=JOBS)
+@_user_errors
+def run_job(
+    job: Annotated[str, typer.Argument(help="The job spec (YAML; kind: label, eval, engine or report; see jobs/).")],
+    address: Address = None,
+) -> None:
+    """Run a job spec here (label, eval, engine or report), checked against its schema first.
+
+    The schema is schemas/KIND-job.json. A label job labels the input's shards that no earlier run committed (run it again: it does only what is new).
+
+    Example: segpipe run jobs/label.yaml
+    """
+    from pipeline import jobs
+
+    spec = jobs.load(job)
+    with shown() as progress:
+        code = jobs.run(spec, address=address, progress=progress)
+    raise typer.Exit(code)
+
+
 @bench_app.command("eval")
 @_user_errors
 def bench_eval(

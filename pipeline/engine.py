@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
-from pathlib import Path
 
 from pipeline.errors import SegpipeError
 from pipeline.io.fs import join, read_json, url_to_fs, write_json
@@ -45,33 +43,14 @@ PATHS = ("out", "start", "labeled", "labeled_images", "unlabeled", "heldout", "h
 
 
 def load_job(path: str) -> dict:
-    """The job file, checked against schemas/engine-job.json (one line naming the first bad key), with the
-    defaults filled in and local relative paths made relative to the job file's folder."""
-    import jsonschema
-    import yaml
+    """The job file, checked against schemas/engine-job.json (one line naming the first bad key and its line), with
+    the defaults filled in and local relative paths made relative to the job file's folder."""
+    from pipeline.jobs import checked, resolve
 
-    from pipeline.io.fs import read_bytes
-
-    try:
-        job = yaml.safe_load(read_bytes(path))
-    except yaml.YAMLError as error:
-        raise SegpipeError(f"{path}: not YAML ({str(error).splitlines()[0]})") from None
-    schema = json.loads(resources.files("pipeline.schemas").joinpath("engine-job.json").read_text())
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(job), key=lambda e: list(e.absolute_path))
-    if errors:
-        error = errors[0]
-        where = ".".join(str(p) for p in error.absolute_path)
-        if error.validator == "additionalProperties":
-            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-            raise SegpipeError(f"{path}: unknown key {'.'.join(filter(None, [where, unknown[0]]))!r}; known: "
-                               f"{', '.join(error.schema.get('properties', {}))}")
-        raise SegpipeError(f"{path}: {where or 'the job'}: {error.message}")
-    base = Path(path).parent if "://" not in path else None
-    def resolved(uri: str) -> str:
-        return str((base / uri).resolve()) if base is not None and "://" not in uri and not Path(uri).is_absolute() else uri
-    job = {**job, **{key: resolved(job[key]) for key in PATHS if key in job}}
+    job = checked(path, "engine-job")
+    job = {**job, **{key: resolve(job[key], path) for key in PATHS if key in job}}
     if job.get("proposals", {}).get("weights"):
-        job["proposals"] = {**job["proposals"], "weights": resolved(job["proposals"]["weights"])}
+        job["proposals"] = {**job["proposals"], "weights": resolve(job["proposals"]["weights"], path)}
     return {**job, **{section: {**values, **job.get(section, {})} for section, values in DEFAULTS.items()},
             **{section: {**values, **job[section]} for section, values in OPTIONAL.items() if section in job}}
 
