@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SegpipeError
+from pipeline.progress import Progress, quiet
 
 KINDS = ("label", "eval", "engine", "report")
 PATHS = {  # the keys of each kind that name data: local relative paths are relative to the spec file
@@ -181,13 +181,13 @@ def infer_config(job: Job, address: str | None = None, input: str | None = None,
         flip_check=options["flip_check"], address=address or spec.get("address"))
 
 
-def run(job: Job, address: str | None = None, progress: Callable[[str], None] = lambda line: None) -> int:
+def run(job: Job, address: str | None = None, progress: Progress = quiet) -> int:
     """Run the job here (a local Ray, or `address`); returns the exit code: 0 done, 1 it ran and found failures."""
     check(job)
     return {"label": _label, "eval": _eval, "engine": _engine, "report": _report}[job.kind](job, address, progress)
 
 
-def _label(job: Job, address: str | None, progress: Callable[[str], None]) -> int:
+def _label(job: Job, address: str | None, progress: Progress) -> int:
     from pipeline.jobs import schedule
 
     summary = schedule.tick(job, address, progress=progress)  # one tick: what no earlier run committed
@@ -195,11 +195,11 @@ def _label(job: Job, address: str | None, progress: Callable[[str], None]) -> in
     return summary.exit_code
 
 
-def _eval(job: Job, address: str | None, progress: Callable[[str], None]) -> int:
+def _eval(job: Job, address: str | None, progress: Progress) -> int:
     from pipeline.io.fs import write_json
 
     spec = job.spec
-    common = {"workers": spec["workers"], "address": address or spec.get("address")}
+    common = {"workers": spec["workers"], "address": address or spec.get("address"), "progress": progress}
     if spec["metric"] == "pq":
         from pipeline.evaluate.pq import evaluate_pq as evaluate, format_table
         result = evaluate(spec["gt"], spec["pred"], gt_dir=spec.get("gt_dir"), pred_dir=spec.get("pred_dir"),
@@ -218,7 +218,7 @@ def _eval(job: Job, address: str | None, progress: Callable[[str], None]) -> int
     return 0
 
 
-def _engine(job: Job, address: str | None, progress: Callable[[str], None]) -> int:
+def _engine(job: Job, address: str | None, progress: Progress) -> int:
     from pipeline import engine
 
     spec = {**job.spec, "address": address or job.spec.get("address")}
@@ -227,7 +227,7 @@ def _engine(job: Job, address: str | None, progress: Callable[[str], None]) -> i
     return 0
 
 
-def _report(job: Job, address: str | None, progress: Callable[[str], None]) -> int:
+def _report(job: Job, address: str | None, progress: Progress) -> int:
     from pipeline.report import ReportConfig, run as report
 
     spec = job.spec

@@ -25,7 +25,8 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 import orjson
@@ -37,6 +38,7 @@ from pipeline.io.shards import Shard, list_shards
 from pipeline.jobs import Job, check, infer_config
 from pipeline.jobs.leases import (Heartbeat, Lease, State, abandon, acquire, check_store, create_exclusive, fresh, held,
                                   holder, release, state)
+from pipeline.progress import Progress, quiet
 
 PLAN_LEASE_S = 60.0
 """Term of the planning lease (renewed while a tick plans, which takes seconds): how long a tick killed while
@@ -117,12 +119,31 @@ def prepare(job: Job, address: str | None = None, loop: bool = False) -> Setup:
     return Setup(job, job.spec["out"].rstrip("/"), float(schedule.get("lease_seconds", 900)), cron, config)
 
 
-def tick(job: Job, address: str | None = None, progress: Callable[[str], None] = lambda line: None) -> TickSummary:
+def tick(job: Job, address: str | None = None, progress: Progress = quiet) -> TickSummary:
     """One tick over a label job: label the shards of its input that no earlier tick committed."""
-    return run_tick(prepare(job, address), progress)
+    with _sigterm_interrupts():
+        return run_tick(prepare(job, address), progress)
 
 
-def run_tick(setup: Setup, progress: Callable[[str], None] = lambda line: None) -> TickSummary:
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while the block runs, as Ctrl-C does: a tick stopped by a service manager
+    or `segpipe jobs stop` abandons its leases, so the next tick resumes at once (Python delivers signals to the
+    main thread only; elsewhere nothing changes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_tick(setup: Setup, progress: Progress = quiet) -> TickSummary:
     """One tick of a prepared job (see the module's docstring)."""
     start = time.perf_counter()
     summary = TickSummary(tick=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8])
@@ -145,7 +166,7 @@ class _Batch:
     shards: tuple[dict, ...]  # {"kind", "uri", "members", "files": {file uri: [size, version]}}
 
 
-def _plan(setup: Setup, who: dict, summary: TickSummary, progress: Callable[[str], None]) -> list[_Batch]:
+def _plan(setup: Setup, who: dict, summary: TickSummary, progress: Progress) -> list[_Batch]:
     lock = _wait_for_plan(setup.out, who, progress)
     try:
         with Heartbeat([lock]):
@@ -154,7 +175,7 @@ def _plan(setup: Setup, who: dict, summary: TickSummary, progress: Callable[[str
         release(lock)
 
 
-def _wait_for_plan(out: str, who: dict, progress: Callable[[str], None]) -> Lease:
+def _wait_for_plan(out: str, who: dict, progress: Progress) -> Lease:
     folder, told = join(out, "leases", "plan"), False
     while True:
         seen = state(folder)
@@ -167,7 +188,7 @@ def _wait_for_plan(out: str, who: dict, progress: Callable[[str], None]) -> Leas
         time.sleep(PLAN_POLL_S)
 
 
-def _planned(setup: Setup, who: dict, summary: TickSummary, progress: Callable[[str], None]) -> list[_Batch]:
+def _planned(setup: Setup, who: dict, summary: TickSummary, progress: Progress) -> list[_Batch]:
     versions = _versions(setup.config.input)
     commits = _commits(setup.out)
     claimed: set[str] = set()  # file URIs that a commit or a batch in flight holds
@@ -280,7 +301,7 @@ def _commits(out: str) -> dict[str, dict]:
 
 # --- labeling (ticks in parallel) ---------------------------------------------------------------------------------
 
-def _label(setup: Setup, work: list[_Batch], summary: TickSummary, progress: Callable[[str], None]) -> None:
+def _label(setup: Setup, work: list[_Batch], summary: TickSummary, progress: Progress) -> None:
     """Label each held batch (resuming what a dead tick committed), commit it, release its lease. A tick stopped
     midway (an error, Ctrl-C, SIGTERM) abandons the leases it still holds, so the next tick resumes at once."""
     import ray
@@ -350,32 +371,29 @@ def describe(summary: TickSummary) -> str:
 
 # --- the loop ---------------------------------------------------------------------------------------------------
 
-def serve(job: Job, address: str | None = None, progress: Callable[[str], None] = lambda line: None,
+def serve(job: Job, address: str | None = None, progress: Progress = quiet,
           report: Callable[[TickSummary], None] = lambda summary: None) -> int:
     """Tick on the job's cron times (the host's local time) until Ctrl-C or SIGTERM; returns the exit code:
     0 stopped between ticks, 130 stopped during one (its leases abandoned: the next tick resumes it).
     A tick that fails (the store unreachable, say) is one line; the next cron time tries again."""
-    import signal
     from datetime import datetime
 
     from croniter import croniter
 
     setup = prepare(job, address, loop=True)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     ticking = False
     try:
-        while True:
-            due = croniter(setup.cron, datetime.now().astimezone()).get_next(datetime)  # an overrun skips, never piles up
-            progress(f"next tick at {due.isoformat(timespec='seconds')}")
-            time.sleep(max(0.0, due.timestamp() - time.time()))
-            ticking = True
-            try:
-                report(run_tick(setup, progress))
-            except (SegpipeError, OSError) as error:
-                progress(f"tick failed: {error}")
-            ticking = False
+        with _sigterm_interrupts():
+            while True:
+                due = croniter(setup.cron, datetime.now().astimezone()).get_next(datetime)  # overruns skip, never pile up
+                progress(f"next tick at {due.isoformat(timespec='seconds')}")
+                time.sleep(max(0.0, due.timestamp() - time.time()))
+                ticking = True
+                try:
+                    report(run_tick(setup, progress))
+                except (SegpipeError, OSError) as error:
+                    progress(f"tick failed: {error}")
+                ticking = False
     except KeyboardInterrupt:
         progress("stopped during a tick; the next tick resumes its work" if ticking else "stopped")
         return 130 if ticking else 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
