@@ -10,14 +10,17 @@ memory holds one shard (plus each section's small part) per worker.
 
 from __future__ import annotations
 
+import operator
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import SegpipeError
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
-from pipeline.io.fs import join, write_bytes, write_json
+from pipeline.io.fs import absolute, join, write_bytes, write_json
 from pipeline.report import compare, contents, errors, health, thumbnails
+from pipeline.report.parts import Parts
 from pipeline.report.sources import Image, Predictions, Side, Truth, open_predictions, open_truth, read_side
 from pipeline.structures import ImagePrediction
 
@@ -66,6 +69,7 @@ class Context:
     images: str | None  # image folder for thumbnails and the image-file checks, or None
     png_folder: str | None = None  # a panoptic ground truth's PNG folder (the health checks read it)
     split: str = ""  # the ground truth's split name (health: duplicates across splits)
+    parts: str = ""  # the scratch folder where shards write their per-image and per-detection records (parts.py)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class ShardData:
     predictions: list[ImagePrediction] | None = None
     compare: list[ImagePrediction] | None = None
     truth_entries: tuple | None = None  # a JSON ground truth's own annotations per image (health reads them raw)
+    index: int = 0  # the shard's position: its records' part in the scratch folder
 
 
 @dataclass(frozen=True)
@@ -91,12 +96,14 @@ class Section:
 
 
 def _health_shard(data: ShardData, context: Context) -> health.HealthPart:
-    """The health checks of a shard: its JSON annotations as written (none for a table), its image files."""
+    """The health checks of a shard: its JSON annotations as written (none for a table), its image files (their
+    fingerprints go to the scratch folder)."""
     entries = data.truth_entries or ()
     annotations = [a for entry in entries if entry for a in (entry if isinstance(entry, list) else [entry])]
     images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im in data.images]
-    return health.shard_checks(health.HealthShard(images, annotations, context.kind, list(context.categories),
+    part = health.shard_checks(health.HealthShard(images, annotations, context.kind, list(context.categories),
                                                   context.images, context.png_folder, context.split))
+    return health.spill(part, Parts(context.parts), data.index)
 
 
 def _health_start(truth: Truth) -> dict:
@@ -112,10 +119,10 @@ def _health_merge(parts: list, context: Context, started: tuple[dict, list]) -> 
     """`started`: the whole-file checks and the parts of the other splits (their image files: leakage)."""
     checks, others = started
     nothing = {"split": context.split, "found": {}, "checked": [], "summary": {}}  # a table: see _health_start
-    return health.merge(checks or nothing, [*parts, *others])
+    return health.merge(checks or nothing, [*parts, *others], Parts(context.parts))
 
 
-def _other_splits(uris: tuple[str, ...], config: ReportConfig, progress: Callable[[str], None]) -> list:
+def _other_splits(uris: tuple[str, ...], config: ReportConfig, scratch: Parts, progress: Callable[[str], None]) -> list:
     """The health parts of other splits' images (their files read, their pixels hashed): what leakage compares."""
     parts = []
     for uri in uris:
@@ -125,19 +132,26 @@ def _other_splits(uris: tuple[str, ...], config: ReportConfig, progress: Callabl
             raise SegpipeError(f"{uri}: --leakage-with needs COCO's layout (ROOT/annotations/*_SPLIT.json, its images "
                                "in ROOT/SPLIT)")
         images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im in other.images]
-        shards = [health.HealthShard(images[k:k + config.shard_size], [], other.kind, other.categories, folder, None,
-                                     _split(other)) for k in range(0, len(images), config.shard_size)]
+        shards = [(k, health.HealthShard(images[k:k + config.shard_size], [], other.kind, other.categories, folder,
+                                         None, _split(other)), scratch.uri) for k in range(0, len(images), config.shard_size)]
         progress(f"hashing {len(images):,} images of {uri} (leakage)")
-        parts += map_shards(health.shard_checks, shards, config.workers, config.address)
+        parts += map_shards(_other_split_shard, shards, config.workers, config.address, fold=operator.iadd)
     return parts
 
 
+def _other_split_shard(job: tuple[int, health.HealthShard, str]) -> health.HealthPart:
+    """One shard of another split's images: their checks, their fingerprints written to the scratch folder."""
+    index, shard, scratch = job
+    return health.spill(health.shard_checks(shard), Parts(scratch), index)
+
+
 def _errors_shard(data: ShardData, context: Context) -> errors.ErrorsPart:
-    return errors.shard_errors(data.truth, data.predictions, list(context.categories), context.kind == "panoptic")
+    part = errors.shard_errors(data.truth, data.predictions, list(context.categories), context.kind == "panoptic")
+    return errors.spill(part, Parts(context.parts), data.index)
 
 
 def _errors_merge(parts: list, context: Context) -> dict:
-    return errors.merge_errors(parts, list(context.categories), context.kind == "panoptic")
+    return errors.merge_errors(parts, list(context.categories), context.kind == "panoptic", Parts(context.parts))
 
 
 SECTIONS: tuple[Section, ...] = (
@@ -157,6 +171,7 @@ class _Shard:
     sides: tuple[tuple[Side, tuple | None], ...]  # (ground truth, predictions?, compare?) and their entries
     context: Context
     sections: tuple[str, ...]
+    index: int  # position in the shard order
 
 
 @dataclass
@@ -170,9 +185,8 @@ class Report:
 
 
 def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: None) -> Report:
-    """Read, shard, compute every section, merge, and write `OUT/report.json` and `OUT/report.html`."""
-    from pipeline.report import html
-
+    """Read, shard, compute every section, merge, and write `OUT/report.json` and `OUT/report.html`; the shards'
+    per-image and per-detection records go to a scratch folder OUT/.parts-*, removed at the end."""
     if config.compare and not config.pred:
         raise SegpipeError("--compare needs --pred (the two prediction sets compared)")
     if config.shard_size < 1:
@@ -180,12 +194,22 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
     for uri in config.leakage_with:  # before any work
         if _split_of(uri) == _split_of(config.dataset):
             raise SegpipeError(f"{uri}: --leakage-with names the split {_split_of(uri)!r} again; give another split")
+    scratch = Parts(join(absolute(config.out), f".parts-{uuid.uuid4().hex[:12]}"))  # Ray workers run elsewhere
+    try:
+        return _report(config, progress, scratch)
+    finally:
+        scratch.remove()
+
+
+def _report(config: ReportConfig, progress: Callable[[str], None], scratch: Parts) -> Report:
+    from pipeline.report import html
+
     progress(f"reading {config.dataset}")
     truth = open_truth(config.dataset)
     predictions = [open_predictions(uri, truth) for uri in (config.pred, config.compare) if uri]
     context = Context(truth.kind, tuple(truth.categories), ("pred", "compare")[:len(predictions)], config.resamples,
                       config.seed, _spread(truth.images, config.thumbnails), config.images or _image_folder(truth),
-                      truth.side.folder, _split(truth))
+                      truth.side.folder, _split(truth), scratch.uri)
     sections = tuple(s.name for s in SECTIONS if predictions or not s.needs_predictions)
     started = {s.name: s.start(truth) for s in SECTIONS if s.start is not None and s.name in sections}
     shards = _shards(truth, predictions, context, sections, config.shard_size)
@@ -198,7 +222,7 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
 
     parts = map_shards(_run_shard, shards, config.workers, config.address, progress=done, fold=_fold)
     if "health" in started:
-        started["health"] = (started["health"], _other_splits(config.leakage_with, config, progress))
+        started["health"] = (started["health"], _other_splits(config.leakage_with, config, scratch, progress))
     data = {"inputs": {"dataset": config.dataset, "kind": truth.kind, "pred": config.pred, "compare": config.compare,
                        "images": config.images, "shards": len(shards), "leakage_with": list(config.leakage_with)},
             "categories": [{k: c.get(k) for k in ("id", "name", "isthing")} for c in truth.categories]}
@@ -275,7 +299,7 @@ def _shards(truth: Truth, predictions: list[Predictions], context: Context, sect
         images = tuple(truth.images[start:start + size])
         sides = tuple((side, None if entries is None else tuple(entries.get(im.id) for im in images))
                       for side, entries in [(truth.side, truth.entries), *((p.side, p.entries) for p in predictions)])
-        shards.append(_Shard(images, sides, context, sections))
+        shards.append(_Shard(images, sides, context, sections, len(shards)))
     return shards
 
 
@@ -305,7 +329,6 @@ def _run_shard(shard: _Shard) -> dict[str, Any]:
     """Read the shard's sides once and run each section's shard function on them."""
     images = list(shard.images)
     read = [read_side(side, images, entries, truth=k == 0) for k, (side, entries) in enumerate(shard.sides)]
-    data = ShardData(images, *read)
-    data.truth_entries = shard.sides[0][1]
+    data = ShardData(images, *read, truth_entries=shard.sides[0][1], index=shard.index)
     by_name = {s.name: s for s in SECTIONS}
     return {name: by_name[name].shard(data, shard.context) for name in shard.sections}

@@ -1,0 +1,63 @@
+"""The report's scratch folder: per-image and per-detection records that shards write as Parquet parts and merges read back a piece at a time.
+
+A shard writes its records (image fingerprints, TIDE's detections, AP's match flags) as one Parquet file per
+shard and record kind, named by the shard's position, instead of sending them to the driver; a merge reads them
+back in shard order, a chunk of rows or one category at a time (a pushed-down filter: each part is written
+sorted by category, so a category is a few row groups). The folder is any fsspec URI the workers and the driver
+both reach (OUT/.parts by default); `run` removes it when the report is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io.fs import atomic_write, join, url_to_fs
+
+ROW_GROUP = 16_384  # rows per row group: the unit a category filter skips or reads
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A scratch folder of Parquet parts: `kind/NNNNNNNN.parquet`, one per shard and kind of record."""
+
+    uri: str
+
+    def write(self, kind: str, shard: int, table: pa.Table) -> None:
+        """One shard's records of one kind (an empty table too, so every shard has its file)."""
+        with atomic_write(join(self.uri, kind, f"{shard:08d}.parquet")) as f:
+            pq.write_table(table, f, row_group_size=ROW_GROUP)
+
+    def files(self, kind: str) -> list[str]:
+        """The parts of `kind`, in shard order."""
+        fs, path = url_to_fs(join(self.uri, kind))
+        if not fs.isdir(path):
+            return []
+        protocol = self.uri.split("://", 1)[0] + "://" if "://" in self.uri else ""
+        return [protocol + p for p in sorted(fs.glob(join(path, "*.parquet")))]
+
+    def chunks(self, kind: str, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pa.Table]:
+        """Every record of `kind` in shard order, at most `rows` at a time (a part's last chunk may hold fewer)."""
+        for uri in self.files(kind):
+            fs, path = url_to_fs(uri)
+            with fs.open(path, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns):
+                    yield pa.Table.from_batches([batch])
+
+    def read(self, kind: str, *filters: list[tuple], columns: list[str] | None = None) -> pa.Table:
+        """The records of `kind` that pass any of `filters` (each a list of (column, op, value) that all hold), in
+        shard order; row groups that cannot hold one are skipped."""
+        tables = []
+        for uri in self.files(kind):
+            fs, path = url_to_fs(uri)
+            with fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f, columns=columns, filters=list(filters)))
+        return pa.concat_tables(tables)
+
+    def remove(self) -> None:
+        fs, path = url_to_fs(self.uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
