@@ -10,11 +10,14 @@ memory holds one shard (plus each section's small part) per worker.
 
 from __future__ import annotations
 
+import bisect
 import operator
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import pyarrow as pa
 
 from pipeline.errors import SegpipeError
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
@@ -107,12 +110,9 @@ def _health_shard(data: ShardData, context: Context) -> health.HealthPart:
 
 
 def _health_start(truth: Truth) -> dict:
-    """The whole-file checks (ids, categories, distribution) of a JSON ground truth, read again as written; a table
+    """The whole-file checks (ids, categories, distribution) of a JSON ground truth, on the file as parsed; a table
     gets none (`segpipe convert` checked its COCO file when it wrote it), only the shards' checks."""
-    from pipeline.validate import read_coco
-
-    coco = read_coco(truth.side.uri)[0] if truth.entries is not None else None
-    return health.global_checks(coco, truth.kind, _split(truth)) if coco is not None else {}
+    return health.global_checks(truth.raw, truth.kind, _split(truth)) if truth.raw is not None else {}
 
 
 def _health_merge(parts: list, context: Context, started: tuple[dict, list]) -> dict:
@@ -165,13 +165,13 @@ SECTIONS: tuple[Section, ...] = (
 
 @dataclass(frozen=True)
 class _Shard:
-    """The images one task reads, with the JSON entries of JSON sides (tables are read by the task)."""
+    """What one task reads: its images and the JSON sides' entries from the scratch folder, tables where they are."""
 
-    images: tuple[Image, ...]
-    sides: tuple[tuple[Side, tuple | None], ...]  # (ground truth, predictions?, compare?) and their entries
+    index: int  # position in the shard order: the shard's files in the scratch folder
+    sides: tuple[Side, ...]  # ground truth, predictions?, compare?
+    entries: tuple[bool, ...]  # per side: entries in the scratch folder
     context: Context
     sections: tuple[str, ...]
-    index: int  # position in the shard order
 
 
 @dataclass
@@ -206,14 +206,20 @@ def _report(config: ReportConfig, progress: Callable[[str], None], scratch: Part
 
     progress(f"reading {config.dataset}")
     truth = open_truth(config.dataset)
-    predictions = [open_predictions(uri, truth) for uri in (config.pred, config.compare) if uri]
-    context = Context(truth.kind, tuple(truth.categories), ("pred", "compare")[:len(predictions)], config.resamples,
+    uris = [uri for uri in (config.pred, config.compare) if uri]
+    sections = tuple(s.name for s in SECTIONS if uris or not s.needs_predictions)
+    started = {s.name: s.start(truth) for s in SECTIONS if s.start is not None and s.name in sections}
+    context = Context(truth.kind, tuple(truth.categories), ("pred", "compare")[:len(uris)], config.resamples,
                       config.seed, _spread(truth.images, config.thumbnails), config.images or _image_folder(truth),
                       truth.side.folder, _split(truth), scratch.uri)
-    sections = tuple(s.name for s in SECTIONS if predictions or not s.needs_predictions)
-    started = {s.name: s.start(truth) for s in SECTIONS if s.start is not None and s.name in sections}
-    shards = _shards(truth, predictions, context, sections, config.shard_size)
     total = len(truth.images)
+    layout = _lay_out(truth, config.shard_size, scratch)
+    truth = replace(truth, entries=None, raw=None)  # one COCO file parsed at a time
+    for uri in uris:
+        progress(f"reading {uri}")
+        layout = _with_predictions(layout, open_predictions(uri, truth), truth, config.shard_size, scratch)
+    truth = replace(truth, images=[])  # the driver keeps no image list
+    shards = [_Shard(k, layout.sides, layout.entries, context, sections) for k in range(len(layout.firsts))]
     progress(f"{total:,} images in {len(shards)} shards of up to {config.shard_size}")
 
     def done(count: int) -> None:
@@ -235,8 +241,9 @@ def _report(config: ReportConfig, progress: Callable[[str], None], scratch: Part
                                   else section.merge(merged, context))
     if "errors" in data:  # the label-error candidates, for people to look at (the review hand-off's CVAT file)
         progress("drawing the worst images and the label-error candidates")
-        data["errors"]["thumbnails"] = _error_thumbnails(data["errors"], truth, predictions, context)
-        images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im in truth.images]
+        data["errors"]["thumbnails"] = _error_thumbnails(data["errors"], layout, scratch, context)
+        chosen = layout.images({c["image_id"] for c in data["errors"]["candidates"]}, scratch)
+        images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im, _ in chosen]
         write_json(join(config.out, "label-errors.json"),
                    errors.candidates_coco(data["errors"], images, list(truth.categories)))
     progress("writing the report")
@@ -259,21 +266,19 @@ def _split_of(uri: str) -> str:
     return re.sub(r"^(panoptic|instances)_", "", stem)
 
 
-def _error_thumbnails(section: dict, truth: Truth, predictions: list[Predictions], context: Context,
+def _error_thumbnails(section: dict, layout: _Layout, scratch: Parts, context: Context,
                       count: int = 6) -> dict[str, str]:
     """JPEGs (ground truth | predictions) of the worst images by PQ and of the images of the strongest label-error
     candidates, read again on the driver: a dozen images, whatever the dataset's size."""
     wanted = [w["image_id"] for w in section.get("worst_images", [])[:count]]
     wanted += [c["image_id"] for c in section.get("candidates", [])[:count]]
-    by_id = {im.id: im for im in truth.images}
-    chosen = [by_id[i] for i in dict.fromkeys(wanted) if i in by_id]
-    if not chosen:
-        return {}
-    sides = [(truth.side, truth.entries), (predictions[0].side, predictions[0].entries)]
-    read = [read_side(side, chosen, None if entries is None else [entries.get(im.id) for im in chosen], truth=k == 0)
-            for k, (side, entries) in enumerate(sides)]
-    return {str(image.id): thumbnails.strip(context.images, gt, pred)
-            for image, gt, pred in zip(chosen, *read)}
+    chosen = layout.images(wanted, scratch)
+    strips = {}
+    for image, entries in chosen:
+        gt, pred = (read_side(side, [image], None if e is None else [e], truth=k == 0)[0]
+                    for k, (side, e) in enumerate(zip(layout.sides[:2], entries[:2])))
+        strips[str(image.id)] = thumbnails.strip(context.images, gt, pred)
+    return strips
 
 
 def _spread(images: list[Image], count: int) -> frozenset[int]:
@@ -292,15 +297,56 @@ def _image_folder(truth: Truth) -> str | None:
     return f"{match[1]}/{match[2]}" if match else None
 
 
-def _shards(truth: Truth, predictions: list[Predictions], context: Context, sections: tuple[str, ...],
-            size: int) -> list[_Shard]:
-    shards = []
-    for start in range(0, len(truth.images), size):
-        images = tuple(truth.images[start:start + size])
-        sides = tuple((side, None if entries is None else tuple(entries.get(im.id) for im in images))
-                      for side, entries in [(truth.side, truth.entries), *((p.side, p.entries) for p in predictions)])
-        shards.append(_Shard(images, sides, context, sections, len(shards)))
-    return shards
+@dataclass(frozen=True)
+class _Layout:
+    """Where the shards' inputs are: each shard's images (and each JSON side's entries for them) in the scratch
+    folder, `firsts` the shards' first image ids."""
+
+    sides: tuple[Side, ...]  # ground truth, predictions?, compare?
+    entries: tuple[bool, ...]  # per side: entries in the scratch folder (JSON) or none (tables)
+    firsts: tuple[int, ...]
+
+    def images(self, ids, scratch: Parts) -> list[tuple[Image, list]]:
+        """The images of `ids` (in the order given; ids of no image left out), each with its entries per side."""
+        found = {}
+        for k in sorted({bisect.bisect_right(self.firsts, i) - 1 for i in ids} - {-1}):
+            images = _read_images(scratch, k)
+            entries = [scratch.read_json(f"entries-{n}", k) if has else None for n, has in enumerate(self.entries)]
+            found.update({im.id: (im, [e if e is None else e[p] for e in entries]) for p, im in enumerate(images)})
+        return [found[i] for i in dict.fromkeys(ids) if i in found]
+
+
+def _lay_out(truth: Truth, size: int, scratch: Parts) -> _Layout:
+    """Write each shard's images and, for a JSON ground truth, their entries to the scratch folder."""
+    chunks = _chunks(truth, size)
+    for k, chunk in enumerate(chunks):
+        scratch.write("images", k, pa.table({"id": pa.array([im.id for im in chunk], pa.int64()),
+                                             "file_name": [im.file_name for im in chunk],
+                                             "height": [im.height for im in chunk], "width": [im.width for im in chunk]}))
+    _write_entries(scratch, 0, truth.entries, chunks)
+    return _Layout((truth.side,), (truth.entries is not None,), tuple(chunk[0].id for chunk in chunks))
+
+
+def _with_predictions(layout: _Layout, predictions: Predictions, truth: Truth, size: int, scratch: Parts) -> _Layout:
+    """The layout with a prediction set added: for a JSON file, its entries written per shard (then dropped)."""
+    _write_entries(scratch, len(layout.sides), predictions.entries, _chunks(truth, size))
+    return replace(layout, sides=(*layout.sides, predictions.side),
+                   entries=(*layout.entries, predictions.entries is not None))
+
+
+def _chunks(truth: Truth, size: int) -> list[list[Image]]:
+    return [truth.images[start:start + size] for start in range(0, len(truth.images), size)]
+
+
+def _write_entries(scratch: Parts, side: int, entries: dict | None, chunks: list[list[Image]]) -> None:
+    if entries is not None:
+        for k, chunk in enumerate(chunks):
+            scratch.write_json(f"entries-{side}", k, [entries.get(im.id) for im in chunk])
+
+
+def _read_images(scratch: Parts, shard: int) -> list[Image]:
+    table = scratch.read_part("images", shard)
+    return [Image(*row) for row in zip(*(table.column(name).to_pylist() for name in ("id", "file_name", "height", "width")))]
 
 
 def _fold(done: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
@@ -327,8 +373,10 @@ class _Kept(list):
 @without_cyclic_gc
 def _run_shard(shard: _Shard) -> dict[str, Any]:
     """Read the shard's sides once and run each section's shard function on them."""
-    images = list(shard.images)
-    read = [read_side(side, images, entries, truth=k == 0) for k, (side, entries) in enumerate(shard.sides)]
-    data = ShardData(images, *read, truth_entries=shard.sides[0][1], index=shard.index)
+    scratch = Parts(shard.context.parts)
+    images = _read_images(scratch, shard.index)
+    entries = [scratch.read_json(f"entries-{n}", shard.index) if has else None for n, has in enumerate(shard.entries)]
+    read = [read_side(side, images, e, truth=k == 0) for k, (side, e) in enumerate(zip(shard.sides, entries))]
+    data = ShardData(images, *read, truth_entries=entries[0], index=shard.index)
     by_name = {s.name: s for s in SECTIONS}
     return {name: by_name[name].shard(data, shard.context) for name in shard.sections}

@@ -52,7 +52,7 @@ import pyarrow as pa
 from pipeline.errors import SegpipeError
 from pipeline.evaluate import ap, pq
 from pipeline.evaluate.match import Runs, decode_strings, pair_intersections
-from pipeline.report.parts import Parts
+from pipeline.report.parts import Parts, category_groups, pack_flags, unpack_flags
 from pipeline.review import cvat_coco, frame_names
 from pipeline.structures import ImagePrediction, Segment, predictions_to_arrow
 
@@ -559,37 +559,13 @@ def spill(part: ErrorsPart, parts: Parts, shard: int) -> ErrorsPart:
     tide = pa.table({"category": d.category, "score": d.score, "kind": d.kind, "fixed": d.fixed,
                      "order": (shard << 32) + np.arange(len(d.score), dtype=np.int64)})  # tidecv's order: images, then
     parts.write("tide", shard, tide.take(np.argsort(d.category, kind="stable")))  # scores in an image
-    flags = {"matched": _bits(stats.matched), "ignored": _bits(stats.ignored)}
+    flags = {"matched": pack_flags(stats.matched), "ignored": pack_flags(stats.ignored)}
     rows = pa.table({"image": stats.image, "category": stats.category, "score": stats.score, "rank": stats.rank, **flags})
     parts.write("ap", shard, rows.take(np.argsort(stats.category, kind="stable")))  # image order within a category
     spilled = np.stack([np.bincount(d.category, minlength=part.categories),
                         np.bincount(stats.category, minlength=part.categories)])
     return replace(part, detections=Detections.of([]), spilled=spilled,
                    ap=replace(ap.Statistics.zeros(part.categories), positives=stats.positives))
-
-
-def _bits(flags: np.ndarray) -> np.ndarray:
-    """(areas, thresholds, detections) flags as one int64 of bits per detection (40 of them)."""
-    n = flags.shape[0] * flags.shape[1]
-    return (flags.reshape(n, -1).astype(np.int64) << np.arange(n, dtype=np.int64)[:, None]).sum(axis=0)
-
-
-def _flags(bits: np.ndarray) -> np.ndarray:
-    areas, thresholds = len(ap.AREA_RANGES), len(ap.IOU_THRESHOLDS)
-    shift = np.arange(areas * thresholds, dtype=np.int64)[:, None]
-    return ((bits[None, :] >> shift) & 1).astype(bool).reshape(areas, thresholds, len(bits))
-
-
-def category_groups(rows: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Runs of consecutive categories (first, last) of at most `budget` rows together (a category above it alone):
-    what a merge reads back at once."""
-    groups, first, held = [], 0, 0
-    for k, n in enumerate(rows):
-        if held and held + n > budget:
-            groups.append((first, k - 1))
-            first, held = k, 0
-        held += n
-    return groups + [(first, len(rows) - 1)] if len(rows) else groups
 
 
 def merge_errors(parts: list[ErrorsPart], categories: list[dict], panoptic: bool, spilled: Parts,
@@ -639,8 +615,9 @@ def _ap_section(positives: np.ndarray, categories: list[dict], spilled: Parts, g
     for first, last in groups:
         rows = spilled.read("ap", [("category", ">=", first), ("category", "<=", last)])
         image, category, score, rank, matched, ignored = (rows.column(name).to_numpy().copy() for name in rows.column_names)
-        stats = ap.Statistics(image, category - first, score, rank, _flags(matched), _flags(ignored),
-                              positives[first:last + 1])
+        shape = (len(ap.AREA_RANGES), len(ap.IOU_THRESHOLDS))
+        stats = ap.Statistics(image, category - first, score, rank, unpack_flags(matched, shape),
+                              unpack_flags(ignored, shape), positives[first:last + 1])
         precision[:, :, first:last + 1], recall[:, first:last + 1] = ap.accumulate(stats, last - first + 1)
     per_class, curves = {}, {}
     for k, category_id in enumerate(ids):

@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.fs import atomic_write, join, url_to_fs
+from pipeline.io.fs import atomic_write, join, read_json, url_to_fs, write_bytes
 
 ROW_GROUP = 16_384  # rows per row group: the unit a category filter skips or reads
 
@@ -30,6 +32,19 @@ class Parts:
         """One shard's records of one kind (an empty table too, so every shard has its file)."""
         with atomic_write(join(self.uri, kind, f"{shard:08d}.parquet")) as f:
             pq.write_table(table, f, row_group_size=ROW_GROUP)
+
+    def write_json(self, kind: str, shard: int, value: object) -> None:
+        """One shard's JSON value of one kind (a shard's entries of a COCO file)."""
+        write_bytes(join(self.uri, kind, f"{shard:08d}.json"), orjson.dumps(value))
+
+    def read_json(self, kind: str, shard: int) -> object:
+        return read_json(join(self.uri, kind, f"{shard:08d}.json"))
+
+    def read_part(self, kind: str, shard: int) -> pa.Table:
+        """One shard's records of one kind."""
+        fs, path = url_to_fs(join(self.uri, kind, f"{shard:08d}.parquet"))
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
 
     def files(self, kind: str) -> list[str]:
         """The parts of `kind`, in shard order."""
@@ -61,3 +76,27 @@ class Parts:
         fs, path = url_to_fs(self.uri)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+def category_groups(rows: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Runs of consecutive categories (first, last) of at most `budget` rows together (a category above it alone):
+    what a merge reads back at once."""
+    groups, first, held = [], 0, 0
+    for k, n in enumerate(rows):
+        if held and held + n > budget:
+            groups.append((first, k - 1))
+            first, held = k, 0
+        held += n
+    return groups + [(first, len(rows) - 1)] if len(rows) else groups
+
+
+def pack_flags(flags: np.ndarray) -> np.ndarray:
+    """(..., detections) flags (at most 63 per detection) as one int64 of bits per detection: a compact column."""
+    rows = flags.reshape(-1, flags.shape[-1]).astype(np.int64)
+    return (rows << np.arange(len(rows), dtype=np.int64)[:, None]).sum(axis=0)
+
+
+def unpack_flags(bits: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`pack_flags` undone: (*shape, detections) flags."""
+    shift = np.arange(int(np.prod(shape)), dtype=np.int64)[:, None]
+    return np.ascontiguousarray(((bits[None, :] >> shift) & 1).astype(bool).reshape(*shape, len(bits)))
