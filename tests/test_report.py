@@ -142,6 +142,28 @@ def test_the_compiled_poisson_weight_is_poisson_weights():
     assert expected.max() > 1 and expected.min() == 0
 
 
+def test_the_scratch_folder_works_on_s3_and_is_removed(tiny, s3_bucket, tmp_path):
+    import fsspec
+
+    gt, pred, compare = tiny
+    local = run(ReportConfig(gt, str(tmp_path / "out"), pred=pred, compare=compare, shard_size=1, resamples=50)).data
+    remote = run(ReportConfig(gt, f"s3://{s3_bucket}/report", pred=pred, compare=compare, shard_size=1,
+                              resamples=50)).data
+    assert remote == local
+    written = {path.rsplit("/", 1)[-1] for path in fsspec.filesystem("s3").ls(f"{s3_bucket}/report")}
+    assert written == {"report.html", "report.json", "label-errors.json"}  # the scratch folder went
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["label-errors.json", "report.html", "report.json"]
+
+
+def test_the_scratch_folder_is_removed_when_the_report_fails(tiny, tmp_path):
+    gt, pred, _ = tiny
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"annotations": [{"image_id": 99, "file_name": "x.png", "segments_info": []}]}))
+    with pytest.raises(SegpipeError, match="image 99, which is not in the ground truth"):
+        run(ReportConfig(gt, str(tmp_path / "out"), pred=pred, compare=str(bad)))
+    assert list((tmp_path / "out").iterdir()) == []  # the first shard inputs were written, then removed
+
+
 def test_poisson_weights_are_fixed_per_image_and_look_like_poisson_1():
     weights = poisson_weights(np.arange(2000), 500, seed=0)
     assert np.array_equal(weights[:, 7:9], poisson_weights(np.array([7, 8]), 500, seed=0))

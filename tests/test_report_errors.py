@@ -31,7 +31,7 @@ def _image(image_id, boxes, scores=None, crowd=()):
     return ImagePrediction(image_id, f"{image_id}.png", H, W, segments)
 
 
-def _section(truth, predictions, panoptic, shards=1, budget=1 << 15):
+def _section(truth, predictions, panoptic, shards=1, budget=1 << 16):
     """The section over `shards` shards, their per-detection records in a scratch folder read back `budget` rows
     at a time."""
     size = -(-len(truth) // shards)

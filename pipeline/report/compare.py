@@ -185,7 +185,7 @@ def _annotation(image_id: int, segment) -> dict:
             "score": segment.score}
 
 
-AP_ROWS = 1 << 15
+AP_ROWS = 1 << 16
 """Detection records `_ap_merge` reads back at once (a run of classes; a larger class alone)."""
 
 

@@ -569,7 +569,7 @@ def spill(part: ErrorsPart, parts: Parts, shard: int) -> ErrorsPart:
 
 
 def merge_errors(parts: list[ErrorsPart], categories: list[dict], panoptic: bool, spilled: Parts,
-                 budget: int = 1 << 15) -> dict:
+                 budget: int = 1 << 16) -> dict:
     """The report's "errors" section from the shards' parts, added in the order given (image order), and their
     per-detection records in `spilled`, read back `budget` rows (a run of categories) at a time."""
     if not parts:

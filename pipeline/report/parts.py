@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.fs import atomic_write, join, read_json, url_to_fs, write_bytes
 
-ROW_GROUP = 16_384  # rows per row group: the unit a category filter skips or reads
+ROW_GROUP = 4_096  # rows per row group: the unit a category filter skips or reads
 
 
 @dataclass(frozen=True)
