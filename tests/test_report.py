@@ -164,6 +164,24 @@ def test_the_scratch_folder_is_removed_when_the_report_fails(tiny, tmp_path):
     assert list((tmp_path / "out").iterdir()) == []  # the first shard inputs were written, then removed
 
 
+def test_worker_processes_and_ray_tasks_write_their_records_where_the_driver_reads_them(tiny, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    gt, pred, compare = tiny
+    monkeypatch.chdir(tmp_path)  # OUT relative: Ray's workers run in another folder
+
+    def report(out, **where):
+        return run(ReportConfig(gt, out, pred=pred, compare=compare, shard_size=1, resamples=50, **where)).data
+
+    here = report("here")
+    assert report("workers", workers=2) == here
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert report("ray", address="auto") == here
+    finally:
+        ray.shutdown()
+    assert here["errors"]["tide"]["counts"]["Miss"] == 0 and here["health"]["checked"]
+
+
 def test_poisson_weights_are_fixed_per_image_and_look_like_poisson_1():
     weights = poisson_weights(np.arange(2000), 500, seed=0)
     assert np.array_equal(weights[:, 7:9], poisson_weights(np.array([7, 8]), 500, seed=0))

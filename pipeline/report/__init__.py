@@ -11,6 +11,7 @@ memory holds one shard (plus each section's small part) per worker.
 from __future__ import annotations
 
 import bisect
+import copy
 import operator
 import uuid
 from collections.abc import Callable
@@ -351,10 +352,11 @@ def _read_images(scratch: Parts, shard: int) -> list[Image]:
 
 def _fold(done: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     """Two shards' parts as one, section by section: parts that add (`+=`: sums, counts, top-k lists) are added,
-    so the driver holds one of them whatever the number of shards; the others (health's image fingerprints,
-    AP's per-image matches, which their merge needs whole) are kept in a list. A merge gets a list either way."""
-    folded = {}
-    for name, mine in done.items():
+    so the driver holds one of them whatever the number of shards; the others are kept in a list. A merge gets
+    a list either way. The first part is copied before anything is added to it: from a Ray task its arrays are
+    read-only views of the object store."""
+    folded = _Folded() if isinstance(done, _Folded) else _Folded(copy.deepcopy(done))
+    for name, mine in (done if isinstance(done, _Folded) else folded).items():
         theirs = part[name]
         if isinstance(mine, _Kept):
             mine.append(theirs)
@@ -364,6 +366,10 @@ def _fold(done: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
             mine = _Kept([mine, theirs])
         folded[name] = mine
     return folded
+
+
+class _Folded(dict):
+    """Parts folded so far (the driver's own copy)."""
 
 
 class _Kept(list):
