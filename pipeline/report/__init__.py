@@ -309,11 +309,12 @@ class _Layout:
 
     def images(self, ids, scratch: Parts) -> list[tuple[Image, list]]:
         """The images of `ids` (in the order given; ids of no image left out), each with its entries per side."""
-        found = {}
-        for k in sorted({bisect.bisect_right(self.firsts, i) - 1 for i in ids} - {-1}):
+        found, wanted = {}, set(ids)
+        for k in sorted({bisect.bisect_right(self.firsts, i) - 1 for i in wanted} - {-1}):  # a shard at a time
             images = _read_images(scratch, k)
             entries = [scratch.read_json(f"entries-{n}", k) if has else None for n, has in enumerate(self.entries)]
-            found.update({im.id: (im, [e if e is None else e[p] for e in entries]) for p, im in enumerate(images)})
+            found.update({im.id: (im, [e if e is None else e[p] for e in entries])
+                          for p, im in enumerate(images) if im.id in wanted})
         return [found[i] for i in dict.fromkeys(ids) if i in found]
 
 

@@ -92,11 +92,15 @@ def category_groups(rows: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 def pack_flags(flags: np.ndarray) -> np.ndarray:
     """(..., detections) flags (at most 63 per detection) as one int64 of bits per detection: a compact column."""
-    rows = flags.reshape(-1, flags.shape[-1]).astype(np.int64)
-    return (rows << np.arange(len(rows), dtype=np.int64)[:, None]).sum(axis=0)
+    packed = np.zeros(flags.shape[-1], np.int64)
+    for k, row in enumerate(flags.reshape(-1, flags.shape[-1])):
+        packed |= row.astype(np.int64) << k
+    return packed
 
 
 def unpack_flags(bits: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`pack_flags` undone: (*shape, detections) flags."""
-    shift = np.arange(int(np.prod(shape)), dtype=np.int64)[:, None]
-    return np.ascontiguousarray(((bits[None, :] >> shift) & 1).astype(bool).reshape(*shape, len(bits)))
+    """`pack_flags` undone: (*shape, detections) flags, one bit position at a time (no 64-bit temporary per flag)."""
+    flags = np.empty((int(np.prod(shape)), len(bits)), bool)
+    for k in range(len(flags)):
+        flags[k] = (bits >> k) & 1
+    return flags.reshape(*shape, len(bits))
