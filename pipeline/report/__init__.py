@@ -36,7 +36,8 @@ class ReportConfig:
     dataset: str
     """Ground truth: a COCO instances or panoptic JSON (+ PNG folder), or a dataset table (`segpipe convert`)."""
     out: str
-    """Folder for report.html and report.json."""
+    """Folder for report.html and report.json, and while the report runs its scratch folder OUT/.parts-*, which the
+    shards write: with `address` on several machines, storage every node reaches (s3://..., a shared mount)."""
     pred: str | None = None
     """Predictions: COCO panoptic JSON, COCO results JSON, a predictions table or a `segpipe infer` output folder."""
     compare: str | None = None
