@@ -55,12 +55,20 @@ class Parts:
         return [protocol + p for p in sorted(fs.glob(join(path, "*.parquet")))]
 
     def chunks(self, kind: str, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pa.Table]:
-        """Every record of `kind` in shard order, at most `rows` at a time (a part's last chunk may hold fewer)."""
+        """Every record of `kind` in shard order, about `rows` at a time (the parts' batches joined up to at least
+        `rows`, so fewer than twice that): a search over every pair of chunks reads few of them."""
+        pending, held = [], 0
         for uri in self.files(kind):
             fs, path = url_to_fs(uri)
             with fs.open(path, "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns):
-                    yield pa.Table.from_batches([batch])
+                    pending.append(batch)
+                    held += batch.num_rows
+                    if held >= rows:
+                        yield pa.Table.from_batches(pending)
+                        pending, held = [], 0
+        if pending:
+            yield pa.Table.from_batches(pending)
 
     def read(self, kind: str, *filters: list[tuple], columns: list[str] | None = None) -> pa.Table:
         """The records of `kind` that pass any of `filters` (each a list of (column, op, value) that all hold), in
