@@ -3,8 +3,9 @@
 Each size gets its own synthetic panoptic split (made once, reused) and two prediction sets made from it by
 `synth.perturb_panoptic`; the report (contents, comparison of the two sets with 1,000 resamples, thumbnails)
 runs in a fresh process, which reports its own peak RSS and its workers'. Inputs as COCO JSON (+ PNGs), whose
-files the driver parses whole (as `segpipe eval` does), or as dataset tables (`segpipe convert`), which it
-reads a shard at a time: with tables, memory that does not grow with the images is the point.
+files the driver parses one at a time (then writes each shard's entries to the scratch folder and drops the
+parse), or as dataset tables (`segpipe convert`), which the shards read where they are. The driver's memory not
+growing with the images is the point: what grows is written to the report's scratch folder.
 """
 
 from __future__ import annotations

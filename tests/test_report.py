@@ -13,6 +13,7 @@ from pipeline.evaluate.ap import evaluate_ap
 from pipeline.evaluate.pq import evaluate_pq
 from pipeline.io.fs import write_bytes, write_json
 from pipeline.report import ReportConfig, run
+from pipeline.report import compare as compare_module
 from pipeline.report.compare import poisson_weights
 from pipeline.structures import encode_panoptic_png
 from pipeline.synth import perturb_instances, write_perturbed_panoptic
@@ -114,6 +115,71 @@ def test_comparison_ap_equals_eval_ap(dataset, tmp_path):
         assert row["pred"]["value"] == (pytest.approx(ap, abs=1e-12) if ap >= 0 else None)
         if row["pred"]["value"] is not None:
             assert row["pred"]["low"] <= row["pred"]["high"]
+
+
+def test_ap_intervals_do_not_depend_on_shards_or_on_how_many_records_are_read_at_once(dataset, tmp_path, monkeypatch):
+    gt = str(dataset / "annotations" / "instances_val.json")
+    coco = json.loads(open(gt).read())
+    pred, other = str(tmp_path / "results.json"), str(tmp_path / "other.json")
+    write_json(pred, perturb_instances(coco, np.random.default_rng(0), crowded_images=0))
+    write_json(other, perturb_instances(coco, np.random.default_rng(1), crowded_images=0))
+
+    def comparison(name, shard_size):
+        return run(ReportConfig(gt, str(tmp_path / name), pred=pred, compare=other, shard_size=shard_size,
+                                thumbnails=0, resamples=40)).data["comparison"]
+
+    whole = comparison("whole", 100)
+    monkeypatch.setattr(compare_module, "AP_ROWS", 1)  # one class at a time
+    assert comparison("by-class", 7) == whole
+    delta = whole["overall"]["delta"]
+    assert delta["low"] < delta["high"] and delta["low"] <= delta["value"] <= delta["high"]
+
+
+def test_the_compiled_poisson_weight_is_poisson_weights():
+    ids = np.array([0, 1, 7, 123_456_789, 2**40 + 3])
+    expected = poisson_weights(ids, 30, seed=5)
+    assert [[compare_module._poisson_weight(i, b, 5) for i in ids] for b in range(30)] == expected.tolist()
+    assert expected.max() > 1 and expected.min() == 0
+
+
+def test_the_scratch_folder_works_on_s3_and_is_removed(tiny, s3_bucket, tmp_path):
+    import fsspec
+
+    gt, pred, compare = tiny
+    local = run(ReportConfig(gt, str(tmp_path / "out"), pred=pred, compare=compare, shard_size=1, resamples=50)).data
+    remote = run(ReportConfig(gt, f"s3://{s3_bucket}/report", pred=pred, compare=compare, shard_size=1,
+                              resamples=50)).data
+    assert remote == local
+    written = {path.rsplit("/", 1)[-1] for path in fsspec.filesystem("s3").ls(f"{s3_bucket}/report")}
+    assert written == {"report.html", "report.json", "label-errors.json"}  # the scratch folder went
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["label-errors.json", "report.html", "report.json"]
+
+
+def test_the_scratch_folder_is_removed_when_the_report_fails(tiny, tmp_path):
+    gt, pred, _ = tiny
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"annotations": [{"image_id": 99, "file_name": "x.png", "segments_info": []}]}))
+    with pytest.raises(SegpipeError, match="image 99, which is not in the ground truth"):
+        run(ReportConfig(gt, str(tmp_path / "out"), pred=pred, compare=str(bad)))
+    assert list((tmp_path / "out").iterdir()) == []  # the first shard inputs were written, then removed
+
+
+def test_worker_processes_and_ray_tasks_write_their_records_where_the_driver_reads_them(tiny, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    gt, pred, compare = tiny
+    monkeypatch.chdir(tmp_path)  # OUT relative: Ray's workers run in another folder
+
+    def report(out, **where):
+        return run(ReportConfig(gt, out, pred=pred, compare=compare, shard_size=1, resamples=50, **where)).data
+
+    here = report("here")
+    assert report("workers", workers=2) == here
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert report("ray", address="auto") == here
+    finally:
+        ray.shutdown()
+    assert here["errors"]["tide"]["counts"]["Miss"] == 0 and here["health"]["checked"]
 
 
 def test_poisson_weights_are_fixed_per_image_and_look_like_poisson_1():

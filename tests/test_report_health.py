@@ -4,13 +4,16 @@ import copy
 import io
 import json
 import shutil
+import tempfile
 from collections import defaultdict
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.report.health import HealthSettings, HealthShard, global_checks, merge, shard_checks
+from pipeline.report import health as health_module
+from pipeline.report.health import HealthSettings, HealthShard, global_checks, merge, shard_checks, spill
+from pipeline.report.parts import Parts
 from pipeline.synth import SynthConfig, write_dataset
 
 SIZE = 96  # small images; 40 of them give every synth category at least 10 instances (distribution stays clean)
@@ -34,7 +37,7 @@ def health(sets, shard_size=16, settings=HealthSettings()):
 
     `sets`: (split, kind, coco, image_root, png_root) per GT file.
     """
-    results, parts = [], []
+    results, parts, hashes = [], [], Parts(tempfile.mkdtemp())
     for split, kind, coco, image_root, png_root in sets:
         results.append(global_checks(coco, kind, split, settings=settings))
         by_image = defaultdict(list)
@@ -44,9 +47,13 @@ def health(sets, shard_size=16, settings=HealthSettings()):
         for start in range(0, len(images), shard_size):
             chunk = images[start:start + shard_size]
             annotations = [a for im in chunk for a in by_image.pop(im["id"], [])]
-            parts.append(shard_checks(HealthShard(chunk, annotations, kind, coco["categories"], image_root,
-                                                  png_root, split), settings))
-    return merge(results[0] if len(results) == 1 else results, parts)
+            part = shard_checks(HealthShard(chunk, annotations, kind, coco["categories"], image_root, png_root, split),
+                                settings)
+            parts.append(spill(part, hashes, start))
+    try:
+        return merge(results[0] if len(results) == 1 else results, parts, hashes)
+    finally:
+        hashes.remove()
 
 
 def found(result):
@@ -179,6 +186,21 @@ def test_merge_does_not_depend_on_the_shards(planted):
     coco, train, root, _ = planted
     sets = [("val", "instances", coco, str(root / "val"), None)]
     assert health(sets, shard_size=5) == health(sets, shard_size=100)
+
+
+def test_the_duplicate_search_in_small_chunks_finds_the_same(planted, monkeypatch):
+    coco, train, root, _ = planted
+    for k, image in enumerate([im for im in coco["images"] if im["id"] in (2, 10, 11)] * 2):  # two copies of each
+        shutil.copy(root / "val" / image["file_name"], root / "val" / f"copy-{k}.jpg")
+        coco["images"].append({**image, "id": 2000 + k, "file_name": f"copy-{k}.jpg"})
+    sets = [("val", "instances", coco, str(root / "val"), None), ("train", "instances", train, str(root / "train"), None)]
+    whole = found(health(sets))
+    monkeypatch.setattr(health_module, "HASH_ROWS", 3)  # three fingerprints a chunk: every pair across chunks
+    assert found(health(sets)) == whole
+    # planted: image 3 and its copy 1001; each listed file: the first listing and its two copies
+    assert whole["duplicate_image"] == (7, [[2, 2000], [2, 2003], [3, 1001], [10, 2001], [10, 2004], [11, 2002],
+                                            [11, 2005]])
+    assert whole["leaked_image"] == (1, [[["val", 8], ["train", 1]]])
 
 
 def test_images_read_from_tar_shards_as_from_the_folder(synth):

@@ -10,15 +10,22 @@ memory holds one shard (plus each section's small part) per worker.
 
 from __future__ import annotations
 
+import bisect
+import copy
+import operator
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import pyarrow as pa
 
 from pipeline.errors import SegpipeError
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
-from pipeline.io.fs import join, write_bytes, write_json
+from pipeline.io.fs import absolute, join, write_bytes, write_json
 from pipeline.progress import Progress, quiet
 from pipeline.report import compare, contents, errors, health, thumbnails
+from pipeline.report.parts import Parts
 from pipeline.report.sources import Image, Predictions, Side, Truth, open_predictions, open_truth, read_side
 from pipeline.structures import ImagePrediction
 
@@ -30,7 +37,8 @@ class ReportConfig:
     dataset: str
     """Ground truth: a COCO instances or panoptic JSON (+ PNG folder), or a dataset table (`segpipe convert`)."""
     out: str
-    """Folder for report.html and report.json."""
+    """Folder for report.html and report.json, and while the report runs its scratch folder OUT/.parts-*, which the
+    shards write: with `address` on several machines, storage every node reaches (s3://..., a shared mount)."""
     pred: str | None = None
     """Predictions: COCO panoptic JSON, COCO results JSON, a predictions table or a `segpipe infer` output folder."""
     compare: str | None = None
@@ -67,6 +75,7 @@ class Context:
     images: str | None  # image folder for thumbnails and the image-file checks, or None
     png_folder: str | None = None  # a panoptic ground truth's PNG folder (the health checks read it)
     split: str = ""  # the ground truth's split name (health: duplicates across splits)
+    parts: str = ""  # the scratch folder where shards write their per-image and per-detection records (parts.py)
 
 
 @dataclass
@@ -78,6 +87,7 @@ class ShardData:
     predictions: list[ImagePrediction] | None = None
     compare: list[ImagePrediction] | None = None
     truth_entries: tuple | None = None  # a JSON ground truth's own annotations per image (health reads them raw)
+    index: int = 0  # the shard's position: its records' part in the scratch folder
 
 
 @dataclass(frozen=True)
@@ -92,31 +102,30 @@ class Section:
 
 
 def _health_shard(data: ShardData, context: Context) -> health.HealthPart:
-    """The health checks of a shard: its JSON annotations as written (none for a table), its image files."""
+    """The health checks of a shard: its JSON annotations as written (none for a table), its image files (their
+    fingerprints go to the scratch folder)."""
     entries = data.truth_entries or ()
     annotations = [a for entry in entries if entry for a in (entry if isinstance(entry, list) else [entry])]
     images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im in data.images]
-    return health.shard_checks(health.HealthShard(images, annotations, context.kind, list(context.categories),
+    part = health.shard_checks(health.HealthShard(images, annotations, context.kind, list(context.categories),
                                                   context.images, context.png_folder, context.split))
+    return health.spill(part, Parts(context.parts), data.index)
 
 
 def _health_start(truth: Truth) -> dict:
-    """The whole-file checks (ids, categories, distribution) of a JSON ground truth, read again as written; a table
+    """The whole-file checks (ids, categories, distribution) of a JSON ground truth, on the file as parsed; a table
     gets none (`segpipe convert` checked its COCO file when it wrote it), only the shards' checks."""
-    from pipeline.validate import read_coco
-
-    coco = read_coco(truth.side.uri)[0] if truth.entries is not None else None
-    return health.global_checks(coco, truth.kind, _split(truth)) if coco is not None else {}
+    return health.global_checks(truth.raw, truth.kind, _split(truth)) if truth.raw is not None else {}
 
 
 def _health_merge(parts: list, context: Context, started: tuple[dict, list]) -> dict:
     """`started`: the whole-file checks and the parts of the other splits (their image files: leakage)."""
     checks, others = started
     nothing = {"split": context.split, "found": {}, "checked": [], "summary": {}}  # a table: see _health_start
-    return health.merge(checks or nothing, [*parts, *others])
+    return health.merge(checks or nothing, [*parts, *others], Parts(context.parts))
 
 
-def _other_splits(uris: tuple[str, ...], config: ReportConfig, progress: Progress) -> list:
+def _other_splits(uris: tuple[str, ...], config: ReportConfig, scratch: Parts, progress: Progress) -> list:
     """The health parts of other splits' images (their files read, their pixels hashed): what leakage compares."""
     parts = []
     for uri in uris:
@@ -126,19 +135,26 @@ def _other_splits(uris: tuple[str, ...], config: ReportConfig, progress: Progres
             raise SegpipeError(f"{uri}: --leakage-with needs COCO's layout (ROOT/annotations/*_SPLIT.json, its images "
                                "in ROOT/SPLIT)")
         images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im in other.images]
-        shards = [health.HealthShard(images[k:k + config.shard_size], [], other.kind, other.categories, folder, None,
-                                     _split(other)) for k in range(0, len(images), config.shard_size)]
+        shards = [(k, health.HealthShard(images[k:k + config.shard_size], [], other.kind, other.categories, folder,
+                                         None, _split(other)), scratch.uri) for k in range(0, len(images), config.shard_size)]
         progress(f"hashing {len(images):,} images of {uri} (leakage)")
-        parts += map_shards(health.shard_checks, shards, config.workers, config.address)
+        parts += map_shards(_other_split_shard, shards, config.workers, config.address, fold=operator.iadd)
     return parts
 
 
+def _other_split_shard(job: tuple[int, health.HealthShard, str]) -> health.HealthPart:
+    """One shard of another split's images: their checks, their fingerprints written to the scratch folder."""
+    index, shard, scratch = job
+    return health.spill(health.shard_checks(shard), Parts(scratch), index)
+
+
 def _errors_shard(data: ShardData, context: Context) -> errors.ErrorsPart:
-    return errors.shard_errors(data.truth, data.predictions, list(context.categories), context.kind == "panoptic")
+    part = errors.shard_errors(data.truth, data.predictions, list(context.categories), context.kind == "panoptic")
+    return errors.spill(part, Parts(context.parts), data.index)
 
 
 def _errors_merge(parts: list, context: Context) -> dict:
-    return errors.merge_errors(parts, list(context.categories), context.kind == "panoptic")
+    return errors.merge_errors(parts, list(context.categories), context.kind == "panoptic", Parts(context.parts))
 
 
 SECTIONS: tuple[Section, ...] = (
@@ -152,10 +168,11 @@ SECTIONS: tuple[Section, ...] = (
 
 @dataclass(frozen=True)
 class _Shard:
-    """The images one task reads, with the JSON entries of JSON sides (tables are read by the task)."""
+    """What one task reads: its images and the JSON sides' entries from the scratch folder, tables where they are."""
 
-    images: tuple[Image, ...]
-    sides: tuple[tuple[Side, tuple | None], ...]  # (ground truth, predictions?, compare?) and their entries
+    index: int  # position in the shard order: the shard's files in the scratch folder
+    sides: tuple[Side, ...]  # ground truth, predictions?, compare?
+    entries: tuple[bool, ...]  # per side: entries in the scratch folder
     context: Context
     sections: tuple[str, ...]
 
@@ -171,9 +188,8 @@ class Report:
 
 
 def run(config: ReportConfig, progress: Progress = quiet) -> Report:
-    """Read, shard, compute every section, merge, and write `OUT/report.json` and `OUT/report.html`."""
-    from pipeline.report import html
-
+    """Read, shard, compute every section, merge, and write `OUT/report.json` and `OUT/report.html`; the shards'
+    per-image and per-detection records go to a scratch folder OUT/.parts-*, removed at the end."""
     if config.compare and not config.pred:
         raise SegpipeError("--compare needs --pred (the two prediction sets compared)")
     if config.shard_size < 1:
@@ -181,16 +197,32 @@ def run(config: ReportConfig, progress: Progress = quiet) -> Report:
     for uri in config.leakage_with:  # before any work
         if _split_of(uri) == _split_of(config.dataset):
             raise SegpipeError(f"{uri}: --leakage-with names the split {_split_of(uri)!r} again; give another split")
+    scratch = Parts(join(absolute(config.out), f".parts-{uuid.uuid4().hex[:12]}"))  # Ray workers run elsewhere
+    try:
+        return _report(config, progress, scratch)
+    finally:
+        scratch.remove()
+
+
+def _report(config: ReportConfig, progress: Progress, scratch: Parts) -> Report:
+    from pipeline.report import html
+
     progress(f"reading {config.dataset}")
     truth = open_truth(config.dataset)
-    predictions = [open_predictions(uri, truth) for uri in (config.pred, config.compare) if uri]
-    context = Context(truth.kind, tuple(truth.categories), ("pred", "compare")[:len(predictions)], config.resamples,
-                      config.seed, _spread(truth.images, config.thumbnails), config.images or _image_folder(truth),
-                      truth.side.folder, _split(truth))
-    sections = tuple(s.name for s in SECTIONS if predictions or not s.needs_predictions)
+    uris = [uri for uri in (config.pred, config.compare) if uri]
+    sections = tuple(s.name for s in SECTIONS if uris or not s.needs_predictions)
     started = {s.name: s.start(truth) for s in SECTIONS if s.start is not None and s.name in sections}
-    shards = _shards(truth, predictions, context, sections, config.shard_size)
+    context = Context(truth.kind, tuple(truth.categories), ("pred", "compare")[:len(uris)], config.resamples,
+                      config.seed, _spread(truth.images, config.thumbnails), config.images or _image_folder(truth),
+                      truth.side.folder, _split(truth), scratch.uri)
     total = len(truth.images)
+    layout = _lay_out(truth, config.shard_size, scratch)
+    truth = replace(truth, entries=None, raw=None)  # one COCO file parsed at a time
+    for uri in uris:
+        progress(f"reading {uri}")
+        layout = _with_predictions(layout, open_predictions(uri, truth), truth, config.shard_size, scratch)
+    truth = replace(truth, images=[])  # the driver keeps no image list
+    shards = [_Shard(k, layout.sides, layout.entries, context, sections) for k in range(len(layout.firsts))]
     progress(f"{total:,} images in {len(shards)} shards of up to {config.shard_size}")
 
     def done(count: int) -> None:
@@ -199,7 +231,7 @@ def run(config: ReportConfig, progress: Progress = quiet) -> Report:
 
     parts = map_shards(_run_shard, shards, config.workers, config.address, progress=done, fold=_fold)
     if "health" in started:
-        started["health"] = (started["health"], _other_splits(config.leakage_with, config, progress))
+        started["health"] = (started["health"], _other_splits(config.leakage_with, config, scratch, progress))
     data = {"inputs": {"dataset": config.dataset, "kind": truth.kind, "pred": config.pred, "compare": config.compare,
                        "images": config.images, "shards": len(shards), "leakage_with": list(config.leakage_with)},
             "categories": [{k: c.get(k) for k in ("id", "name", "isthing")} for c in truth.categories]}
@@ -212,8 +244,9 @@ def run(config: ReportConfig, progress: Progress = quiet) -> Report:
                                   else section.merge(merged, context))
     if "errors" in data:  # the label-error candidates, for people to look at (the review hand-off's CVAT file)
         progress("drawing the worst images and the label-error candidates")
-        data["errors"]["thumbnails"] = _error_thumbnails(data["errors"], truth, predictions, context)
-        images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im in truth.images]
+        data["errors"]["thumbnails"] = _error_thumbnails(data["errors"], layout, scratch, context)
+        chosen = layout.images({c["image_id"] for c in data["errors"]["candidates"]}, scratch)
+        images = [{"id": im.id, "file_name": im.file_name, "height": im.height, "width": im.width} for im, _ in chosen]
         write_json(join(config.out, "label-errors.json"),
                    errors.candidates_coco(data["errors"], images, list(truth.categories)))
     progress("writing the report")
@@ -236,21 +269,19 @@ def _split_of(uri: str) -> str:
     return re.sub(r"^(panoptic|instances)_", "", stem)
 
 
-def _error_thumbnails(section: dict, truth: Truth, predictions: list[Predictions], context: Context,
+def _error_thumbnails(section: dict, layout: _Layout, scratch: Parts, context: Context,
                       count: int = 6) -> dict[str, str]:
     """JPEGs (ground truth | predictions) of the worst images by PQ and of the images of the strongest label-error
     candidates, read again on the driver: a dozen images, whatever the dataset's size."""
     wanted = [w["image_id"] for w in section.get("worst_images", [])[:count]]
     wanted += [c["image_id"] for c in section.get("candidates", [])[:count]]
-    by_id = {im.id: im for im in truth.images}
-    chosen = [by_id[i] for i in dict.fromkeys(wanted) if i in by_id]
-    if not chosen:
-        return {}
-    sides = [(truth.side, truth.entries), (predictions[0].side, predictions[0].entries)]
-    read = [read_side(side, chosen, None if entries is None else [entries.get(im.id) for im in chosen], truth=k == 0)
-            for k, (side, entries) in enumerate(sides)]
-    return {str(image.id): thumbnails.strip(context.images, gt, pred)
-            for image, gt, pred in zip(chosen, *read)}
+    chosen = layout.images(wanted, scratch)
+    strips = {}
+    for image, entries in chosen:
+        gt, pred = (read_side(side, [image], None if e is None else [e], truth=k == 0)[0]
+                    for k, (side, e) in enumerate(zip(layout.sides[:2], entries[:2])))
+        strips[str(image.id)] = thumbnails.strip(context.images, gt, pred)
+    return strips
 
 
 def _spread(images: list[Image], count: int) -> frozenset[int]:
@@ -269,23 +300,66 @@ def _image_folder(truth: Truth) -> str | None:
     return f"{match[1]}/{match[2]}" if match else None
 
 
-def _shards(truth: Truth, predictions: list[Predictions], context: Context, sections: tuple[str, ...],
-            size: int) -> list[_Shard]:
-    shards = []
-    for start in range(0, len(truth.images), size):
-        images = tuple(truth.images[start:start + size])
-        sides = tuple((side, None if entries is None else tuple(entries.get(im.id) for im in images))
-                      for side, entries in [(truth.side, truth.entries), *((p.side, p.entries) for p in predictions)])
-        shards.append(_Shard(images, sides, context, sections))
-    return shards
+@dataclass(frozen=True)
+class _Layout:
+    """Where the shards' inputs are: each shard's images (and each JSON side's entries for them) in the scratch
+    folder, `firsts` the shards' first image ids."""
+
+    sides: tuple[Side, ...]  # ground truth, predictions?, compare?
+    entries: tuple[bool, ...]  # per side: entries in the scratch folder (JSON) or none (tables)
+    firsts: tuple[int, ...]
+
+    def images(self, ids, scratch: Parts) -> list[tuple[Image, list]]:
+        """The images of `ids` (in the order given; ids of no image left out), each with its entries per side."""
+        found, wanted = {}, set(ids)
+        for k in sorted({bisect.bisect_right(self.firsts, i) - 1 for i in wanted} - {-1}):  # a shard at a time
+            images = _read_images(scratch, k)
+            entries = [scratch.read_json(f"entries-{n}", k) if has else None for n, has in enumerate(self.entries)]
+            found.update({im.id: (im, [e if e is None else e[p] for e in entries])
+                          for p, im in enumerate(images) if im.id in wanted})
+        return [found[i] for i in dict.fromkeys(ids) if i in found]
+
+
+def _lay_out(truth: Truth, size: int, scratch: Parts) -> _Layout:
+    """Write each shard's images and, for a JSON ground truth, their entries to the scratch folder."""
+    chunks = _chunks(truth, size)
+    for k, chunk in enumerate(chunks):
+        scratch.write("images", k, pa.table({"id": pa.array([im.id for im in chunk], pa.int64()),
+                                             "file_name": [im.file_name for im in chunk],
+                                             "height": [im.height for im in chunk], "width": [im.width for im in chunk]}))
+    _write_entries(scratch, 0, truth.entries, chunks)
+    return _Layout((truth.side,), (truth.entries is not None,), tuple(chunk[0].id for chunk in chunks))
+
+
+def _with_predictions(layout: _Layout, predictions: Predictions, truth: Truth, size: int, scratch: Parts) -> _Layout:
+    """The layout with a prediction set added: for a JSON file, its entries written per shard (then dropped)."""
+    _write_entries(scratch, len(layout.sides), predictions.entries, _chunks(truth, size))
+    return replace(layout, sides=(*layout.sides, predictions.side),
+                   entries=(*layout.entries, predictions.entries is not None))
+
+
+def _chunks(truth: Truth, size: int) -> list[list[Image]]:
+    return [truth.images[start:start + size] for start in range(0, len(truth.images), size)]
+
+
+def _write_entries(scratch: Parts, side: int, entries: dict | None, chunks: list[list[Image]]) -> None:
+    if entries is not None:
+        for k, chunk in enumerate(chunks):
+            scratch.write_json(f"entries-{side}", k, [entries.get(im.id) for im in chunk])
+
+
+def _read_images(scratch: Parts, shard: int) -> list[Image]:
+    table = scratch.read_part("images", shard)
+    return [Image(*row) for row in zip(*(table.column(name).to_pylist() for name in ("id", "file_name", "height", "width")))]
 
 
 def _fold(done: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     """Two shards' parts as one, section by section: parts that add (`+=`: sums, counts, top-k lists) are added,
-    so the driver holds one of them whatever the number of shards; the others (health's image fingerprints,
-    AP's per-image matches, which their merge needs whole) are kept in a list. A merge gets a list either way."""
-    folded = {}
-    for name, mine in done.items():
+    so the driver holds one of them whatever the number of shards; the others are kept in a list. A merge gets
+    a list either way. The first part is copied before anything is added to it: from a Ray task its arrays are
+    read-only views of the object store."""
+    folded = _Folded() if isinstance(done, _Folded) else _Folded(copy.deepcopy(done))
+    for name, mine in (done if isinstance(done, _Folded) else folded).items():
         theirs = part[name]
         if isinstance(mine, _Kept):
             mine.append(theirs)
@@ -297,6 +371,10 @@ def _fold(done: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     return folded
 
 
+class _Folded(dict):
+    """Parts folded so far (the driver's own copy)."""
+
+
 class _Kept(list):
     """A section's parts that do not add, kept in shard order."""
 
@@ -304,9 +382,10 @@ class _Kept(list):
 @without_cyclic_gc
 def _run_shard(shard: _Shard) -> dict[str, Any]:
     """Read the shard's sides once and run each section's shard function on them."""
-    images = list(shard.images)
-    read = [read_side(side, images, entries, truth=k == 0) for k, (side, entries) in enumerate(shard.sides)]
-    data = ShardData(images, *read)
-    data.truth_entries = shard.sides[0][1]
+    scratch = Parts(shard.context.parts)
+    images = _read_images(scratch, shard.index)
+    entries = [scratch.read_json(f"entries-{n}", shard.index) if has else None for n, has in enumerate(shard.entries)]
+    read = [read_side(side, images, e, truth=k == 0) for k, (side, e) in enumerate(zip(shard.sides, entries))]
+    data = ShardData(images, *read, truth_entries=entries[0], index=shard.index)
     by_name = {s.name: s for s in SECTIONS}
     return {name: by_name[name].shard(data, shard.context) for name in shard.sections}

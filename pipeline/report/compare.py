@@ -29,6 +29,7 @@ import pyarrow as pa
 from pipeline.errors import SegpipeError
 from pipeline.evaluate import ap, pq
 from pipeline.evaluate.match import OverlapError
+from pipeline.report.parts import Parts, category_groups, pack_flags, unpack_flags
 from pipeline.structures import ImagePrediction
 
 # P(Poisson(1) <= k) for k = 0..11; a uniform draw above the last reads as 12 (P < 1e-9)
@@ -140,11 +141,18 @@ def _occurs(figures: dict) -> bool:
 
 @dataclass
 class APPart:
-    """A shard's AP statistics of each prediction set (area 'all'), and the ground truth's positives per image."""
+    """A shard's AP statistics that add: per class the ground truth's positives (not crowd), on all images and
+    weighted per resample, and the detections' records written to the scratch folder (per set and class)."""
 
-    stats: list[ap.Statistics]
-    positives: np.ndarray  # (images, classes): ground truth that is not crowd
-    image_ids: np.ndarray
+    positives: np.ndarray  # (classes,)
+    weighted: np.ndarray  # (resamples, classes)
+    rows: np.ndarray  # (sets, classes): detection records written
+
+    def __iadd__(self, other: APPart) -> APPart:
+        self.positives = self.positives + other.positives
+        self.weighted = self.weighted + other.weighted
+        self.rows = self.rows + other.rows
+        return self
 
 
 def _ap_shard(data, context) -> APPart:
@@ -153,16 +161,22 @@ def _ap_shard(data, context) -> APPart:
     sizes = {im.id: (im.height, im.width) for im in data.images}
     annotations = [_annotation(t.image_id, s) for t in data.truth for s in t.segments if s.category_id in category_index]
     truths = ap.truth_instances(annotations, sizes, category_index, "segm")
-    stats = []
-    for predictions in _sets(data, context):
+    spilled = Parts(context.parts)
+    rows = []
+    for k, predictions in enumerate(_sets(data, context)):
         results = [_annotation(p.image_id, s) for p in predictions for s in p.segments if s.category_id in category_index]
         detections = ap.detection_instances(results, sizes, category_index, "segm", box_branch=False)
-        stats.append(ap.batch_statistics(truths, detections, "segm", n))
+        stats = ap.batch_statistics(truths, detections, "segm", n)
+        records = pa.table({"image": stats.image, "category": stats.category, "score": stats.score,
+                            "matched": pack_flags(stats.matched[0]), "ignored": pack_flags(stats.ignored[0])})  # area 'all'
+        spilled.write(f"compare-ap-{k}", data.index, records.take(np.argsort(stats.category, kind="stable")))
+        rows.append(np.bincount(stats.category, minlength=n))
     ids = np.array([im.id for im in data.images], np.int64)
     positives = np.zeros((len(ids), n), np.int64)
     counted = ~truths.crowd
     np.add.at(positives, (np.searchsorted(ids, truths.image[counted]), truths.category[counted]), 1)
-    return APPart(stats, positives, ids)
+    weights = poisson_weights(ids, context.resamples, context.seed).astype(np.float64)
+    return APPart(positives.sum(0), weights @ positives, np.stack(rows))
 
 
 def _annotation(image_id: int, segment) -> dict:
@@ -171,47 +185,73 @@ def _annotation(image_id: int, segment) -> dict:
             "score": segment.score}
 
 
+AP_ROWS = 1 << 16
+"""Detection records `_ap_merge` reads back at once (a run of classes; a larger class alone)."""
+
+
 def _ap_merge(parts: list[APPart], context) -> tuple[np.ndarray, np.ndarray]:
-    """Per set and class: COCO's AP on all images (NaN without ground truth), and per resample."""
-    n = len(context.categories)
-    ids = np.concatenate([p.image_ids for p in parts])
-    positives = np.concatenate([p.positives for p in parts])
-    weights = poisson_weights(ids, context.resamples, context.seed).astype(np.float64)
-    weighted_positives = weights @ positives  # (resamples, classes)
-    point, boot = [], []
+    """Per set and class: COCO's AP on all images (NaN without ground truth), and per resample; each class from its
+    own detections' records, read back a run of classes at a time."""
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    spilled = Parts(context.parts)
+    point = np.full((len(context.names), len(context.categories)), np.nan)
+    boot = np.full((len(context.names), context.resamples, len(context.categories)), np.nan)
     for s in range(len(context.names)):
-        total = ap.Statistics.zeros(n)
-        for part in parts:
-            total += part.stats[s]
-        order = np.lexsort((-total.score, total.category))  # COCOeval's order: by class, then score, ties stable
-        bounds = np.searchsorted(total.category[order], np.arange(n + 1))
-        matched = np.ascontiguousarray(total.matched[0][:, order])  # area range 'all'
-        ignored = np.ascontiguousarray(total.ignored[0][:, order])
-        image = np.searchsorted(ids, total.image[order])
-        ones = np.ones((1, len(ids)))
-        point.append(_weighted_ap(bounds, matched, ignored, image, ones, positives.sum(0)[None, :].astype(float))[0])
-        boot.append(_weighted_ap(bounds, matched, ignored, image, weights, weighted_positives))
-    return np.asarray(point), np.stack(boot)
+        for first, last in category_groups(total.rows[s], AP_ROWS):
+            rows = spilled.read(f"compare-ap-{s}", [("category", ">=", first), ("category", "<=", last)])
+            image, category, score, matched, ignored = (rows.column(name).to_numpy() for name in rows.column_names)
+            order = np.lexsort((-score, category))  # COCOeval's order: by class, then score, ties in image order
+            bounds = np.searchsorted(category[order], np.arange(first, last + 2))
+            shape = (len(ap.IOU_THRESHOLDS),)
+            args = (bounds, unpack_flags(matched[order], shape), unpack_flags(ignored[order], shape),
+                    np.ascontiguousarray(image[order]))
+            classes = slice(first, last + 1)
+            point[s, classes] = _weighted_ap(*args, total.positives[None, classes].astype(float), 1, context.seed,
+                                             True)[0]
+            boot[s, :, classes] = _weighted_ap(*args, np.ascontiguousarray(total.weighted[:, classes]),
+                                               context.resamples, context.seed, False)
+    return point, boot
 
 
 @numba.njit(cache=True, nogil=True)
-def _weighted_ap(bounds, matched, ignored, image, weights, positives):
-    """COCO's AP per (resample, class), every detection counting its image's weight: (resamples, classes), NaN
-    where a resample holds no positive of the class. With unit weights it is COCOeval's per-class AP."""
-    n_resamples, n_classes = weights.shape[0], len(bounds) - 1
+def _poisson_weight(image_id, b, seed):
+    """poisson_weights' count of one image in resample b (the same splitmix64 hash, compiled)."""
+    x = (np.uint64(image_id) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(b) * np.uint64(0xD1B54A32D192ED03)
+         + np.uint64(seed) * np.uint64(0x8CB92BA72F3D8DD7))
+    for _ in range(2):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    uniform = np.float64(x >> np.uint64(11)) * 2.0**-53
+    return np.searchsorted(_POISSON_CDF, uniform, side="right")
+
+
+@numba.njit(cache=True, nogil=True)
+def _weighted_ap(bounds, matched, ignored, image, positives, resamples, seed, unit):
+    """COCO's AP per (resample, class), every detection counting its image's Poisson weight in that resample (1
+    each with `unit`): (resamples, classes), NaN where a resample holds no positive of the class. With unit weights
+    it is COCOeval's per-class AP."""
+    n_classes = len(bounds) - 1
     n_thresholds = matched.shape[0]
     recall_thresholds = np.linspace(0.0, 1.0, 101)
     eps = np.spacing(1.0)
-    out = np.full((n_resamples, n_classes), np.nan)
+    out = np.full((resamples, n_classes), np.nan)
     for k in range(n_classes):
         lo, hi = bounds[k], bounds[k + 1]
         n_det = hi - lo
         tp = np.empty(n_det)
         pr = np.empty(n_det)
-        for b in range(n_resamples):
+        weight = np.ones(n_det)
+        for b in range(resamples):
             npig = positives[b, k]
             if npig == 0:
                 continue
+            if not unit:
+                for i in range(n_det):
+                    weight[i] = _poisson_weight(image[lo + i], b, seed)
             total = 0.0
             for t in range(n_thresholds):
                 if n_det == 0:
@@ -220,11 +260,10 @@ def _weighted_ap(bounds, matched, ignored, image, weights, positives):
                 for i in range(n_det):
                     d = lo + i
                     if not ignored[t, d]:
-                        w = weights[b, image[d]]
                         if matched[t, d]:
-                            tp_sum += w
+                            tp_sum += weight[i]
                         else:
-                            fp_sum += w
+                            fp_sum += weight[i]
                     tp[i] = tp_sum / npig
                     pr[i] = tp_sum / (fp_sum + tp_sum + eps)
                 for i in range(n_det - 1, 0, -1):

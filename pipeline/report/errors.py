@@ -46,13 +46,13 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field, replace
 
-import copy
-
 import numpy as np
+import pyarrow as pa
 
 from pipeline.errors import SegpipeError
 from pipeline.evaluate import ap, pq
 from pipeline.evaluate.match import Runs, decode_strings, pair_intersections
+from pipeline.report.parts import Parts, category_groups, pack_flags, unpack_flags
 from pipeline.review import cvat_coco, frame_names
 from pipeline.structures import ImagePrediction, Segment, predictions_to_arrow
 
@@ -125,10 +125,11 @@ class ErrorsPart:
     images: list[dict] = field(default_factory=list)  # the worst images of the part
     candidates: list[dict] = field(default_factory=list)  # the best candidates of each kind
     settings: ErrorSettings = ErrorSettings()
+    spilled: np.ndarray | None = None  # (2, K): TIDE's and AP's records per category written to the parts (`spill`)
 
     def __iadd__(self, other: ErrorsPart) -> ErrorsPart:
         self.detections += other.detections
-        for name in ("positives", "missed", "unmatched", "confusion", "split_fn", "split_fp", "wrong_iou"):
+        for name in ("positives", "missed", "unmatched", "confusion", "split_fn", "split_fp", "wrong_iou", "spilled"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.ap += other.ap
         if self.pq is not None:
@@ -323,10 +324,10 @@ def _tide_kind(i: int, used: np.ndarray, gt_used: np.ndarray, iou: np.ndarray, c
     return 2, -1
 
 
-def tide_ap(category: np.ndarray, score: np.ndarray, correct: np.ndarray, order: np.ndarray,
-            positives: np.ndarray, present: np.ndarray) -> float:
-    """tidecv's mAP (percent): per category, detections by score (ties by `order`), COCO's precision envelope
-    read at recalls k / 100; a category with detections and no positives scores 0; mean over `present`."""
+def tide_aps(category: np.ndarray, score: np.ndarray, correct: np.ndarray, order: np.ndarray,
+             positives: np.ndarray, present: np.ndarray) -> list[float]:
+    """tidecv's AP (percent) of each `present` category: its detections by score (ties by `order`), COCO's
+    precision envelope read at recalls k / 100; a category with detections and no positives scores 0."""
     recall_points = np.array([k / 100 for k in range(101)])  # tidecv's grid, not np.linspace's floats
     aps = []
     for c in np.flatnonzero(present):
@@ -341,40 +342,58 @@ def tide_ap(category: np.ndarray, score: np.ndarray, correct: np.ndarray, order:
         found = np.searchsorted(tp / positives[c], recall_points, "left")
         y = [float(precision[k]) if k < len(members) else 0.0 for k in found]
         aps.append(sum(y) / len(y) * 100)
-    return sum(aps) / len(aps) if aps else 0.0
+    return aps
 
 
-def _tide_section(part: ErrorsPart) -> dict:
-    """Counts and ΔAP per type, fixing one type at a time as tidecv's fix_main_errors, and its special errors."""
-    d = part.detections
+def _tide_section(part: ErrorsPart, spilled: Parts, groups: list[tuple[int, int]]) -> dict:
+    """Counts and ΔAP per type, fixing one type at a time as tidecv's fix_main_errors, and its special errors; tidecv's
+    mAP is the mean of per-class APs, and a class's AP needs only the detections of that class (or fixed to it),
+    so the detections are read back a run of classes at a time."""
+    counts = {name: 0 for name in TIDE_TYPES}
+    counts["Miss"] = int(part.missed.sum())
+    runs: dict[str, list[float]] = {}
+    for first, last in groups:
+        rows = spilled.read("tide", [("category", ">=", first), ("category", "<=", last)],
+                           [("fixed", ">=", first), ("fixed", "<=", last)])
+        d = Detections(*(rows.column(name).to_numpy() for name in ("category", "score", "kind", "fixed")))
+        mine = d.kind[(d.category >= first) & (d.category <= last) & (d.kind != _TP)]
+        for k, n in enumerate(np.bincount(mine, minlength=len(TIDE_TYPES) - 1)):  # Miss is no detection's kind
+            counts[TIDE_TYPES[k]] += int(n)
+        for name, aps in _tide_runs(part, d, rows.column("order").to_numpy(), first, last).items():
+            runs.setdefault(name, []).extend(aps)
+    mean = {name: sum(aps) / len(aps) if aps else 0.0 for name, aps in runs.items()}
+    base = mean["base"]
+    return {"ap50": base, "counts": counts, "delta_ap": {name: max(mean[name] - base, 0.0) for name in TIDE_TYPES},
+            "special_delta_ap": {"FalsePos": mean["FalsePos"] - base, "FalseNeg": mean["FalseNeg"] - base},
+            "pos_threshold": TIDE_POS, "background_threshold": TIDE_BG}
+
+
+def _tide_runs(part: ErrorsPart, d: Detections, position: np.ndarray, first: int, last: int) -> dict[str, list[float]]:
+    """The per-class APs of classes first..last: as detected ("base"), with each type fixed, and tidecv's special
+    errors; `d` holds every detection of those classes or fixed to one of them, `position` their order."""
+    n = part.categories
     tp = d.kind == _TP
-    position = np.arange(len(tp))
-    phase = tp.astype(np.int64)  # tidecv's fixed data lists the errors first, then the true positives
-    classes = (part.positives > 0) | (np.bincount(d.category, minlength=part.categories) > 0)
+    in_range = (np.arange(n) >= first) & (np.arange(n) <= last)
+    classes = in_range & ((part.positives > 0) | (np.bincount(d.category, minlength=n) > 0))
 
     def run(category, score, correct, keep, positives, order):
-        present = classes & ((positives > 0) | (np.bincount(category[keep], minlength=part.categories) > 0))
-        return tide_ap(category[keep], score[keep], correct[keep], order[keep], positives, present)
+        present = classes & ((positives > 0) | (np.bincount(category[keep], minlength=n) > 0))
+        return tide_aps(category[keep], score[keep], correct[keep], order[keep], positives, present)
 
     everything = np.ones(len(tp), bool)
-    base = run(d.category, d.score, tp, everything, part.positives, position)
-    order = phase * len(tp) + position
-    delta, counts = {}, {}
+    order = (tp.astype(np.int64) << 62) + position  # tidecv's fixed data lists the errors first, then the true positives
+    runs = {"base": run(d.category, d.score, tp, everything, part.positives, position)}
     for k, name in enumerate(TIDE_TYPES):
         if name == "Miss":
-            counts[name] = int(part.missed.sum())
-            fixed = run(d.category, d.score, tp, everything, part.positives - part.missed, order)
+            runs[name] = run(d.category, d.score, tp, everything, part.positives - part.missed, order)
         else:
             this = d.kind == k
-            counts[name] = int(this.sum())
-            category = np.where(this & (d.fixed >= 0), d.fixed, d.category)
-            fixed = run(category, d.score, tp | (this & (d.fixed >= 0)), ~this | (d.fixed >= 0), part.positives, order)
-        delta[name] = max(fixed - base, 0.0)
-    false_pos = run(d.category, tp.astype(np.float64), tp, everything, part.positives, order) - base
-    false_neg = run(d.category, d.score, tp, everything, part.positives - part.unmatched, order) - base
-    return {"ap50": base, "counts": counts, "delta_ap": delta,
-            "special_delta_ap": {"FalsePos": false_pos, "FalseNeg": false_neg},
-            "pos_threshold": TIDE_POS, "background_threshold": TIDE_BG}
+            fixable = this & (d.fixed >= 0)
+            runs[name] = run(np.where(fixable, d.fixed, d.category), d.score, tp | fixable, ~this | fixable,
+                             part.positives, order)
+    runs["FalsePos"] = run(d.category, tp.astype(np.float64), tp, everything, part.positives, order)
+    runs["FalseNeg"] = run(d.category, d.score, tp, everything, part.positives - part.unmatched, order)
+    return runs
 
 
 # --- matches, confusion, panoptic error split, candidates ------------------------------------------------
@@ -533,21 +552,39 @@ def _pq_statistics(truth: list[ImagePrediction], predictions: list[ImagePredicti
 # --- the section --------------------------------------------------------------------------------------------
 
 
-def merge_errors(parts: list[ErrorsPart], categories: list[dict], panoptic: bool) -> dict:
-    """The report's "errors" section from the shards' parts, added in the order given (image order)."""
+def spill(part: ErrorsPart, parts: Parts, shard: int) -> ErrorsPart:
+    """The part with its per-detection records (TIDE's detections, AP's match flags) written to `parts` as the
+    shard's Parquet parts instead, sorted by category: what stays in the part is a few numbers per category."""
+    d, stats = part.detections, part.ap
+    tide = pa.table({"category": d.category, "score": d.score, "kind": d.kind, "fixed": d.fixed,
+                     "order": (shard << 32) + np.arange(len(d.score), dtype=np.int64)})  # tidecv's order: images, then
+    parts.write("tide", shard, tide.take(np.argsort(d.category, kind="stable")))  # scores in an image
+    flags = {"matched": pack_flags(stats.matched), "ignored": pack_flags(stats.ignored)}
+    rows = pa.table({"image": stats.image, "category": stats.category, "score": stats.score, "rank": stats.rank, **flags})
+    parts.write("ap", shard, rows.take(np.argsort(stats.category, kind="stable")))  # image order within a category
+    spilled = np.stack([np.bincount(d.category, minlength=part.categories),
+                        np.bincount(stats.category, minlength=part.categories)])
+    return replace(part, detections=Detections.of([]), spilled=spilled,
+                   ap=replace(ap.Statistics.zeros(part.categories), positives=stats.positives))
+
+
+def merge_errors(parts: list[ErrorsPart], categories: list[dict], panoptic: bool, spilled: Parts,
+                 budget: int = 1 << 16) -> dict:
+    """The report's "errors" section from the shards' parts, added in the order given (image order), and their
+    per-detection records in `spilled`, read back `budget` rows (a run of categories) at a time."""
     if not parts:
         raise SegpipeError("no images to analyse")
-    total = copy.deepcopy(parts[0])  # the parts stay as they were
+    total = parts[0]
     for part in parts[1:]:
         total += part
     ids = [c["id"] for c in categories]
     section = {"panoptic": panoptic, "category_ids": ids}
     section.update(_pq_section(total, categories) if panoptic else {"pq": None, "miou": None, "panoptic_errors": None})
-    section["ap"] = _ap_section(total.ap, categories)
+    section["ap"] = _ap_section(total.ap.positives, categories, spilled, category_groups(total.spilled[1], budget))
     section["confusion"] = {"labels": [str(i) for i in ids] + ["background"], "iou": 0.5,
                             "min_score": total.settings.confident, "matrix": total.confusion.tolist()}
-    section["calibration"] = _calibration(total.detections, total.settings.bins)
-    section["tide"] = _tide_section(total)
+    section["calibration"] = _calibration(spilled.chunks("tide", ["score", "kind"]), total.settings.bins)
+    section["tide"] = _tide_section(total, spilled, category_groups(total.spilled[0], budget))
     section["worst_images"] = total.images
     section["candidates"] = total.candidates
     return section
@@ -568,11 +605,20 @@ def _pq_section(total: ErrorsPart, categories: list[dict]) -> dict:
             "panoptic_errors": errors}
 
 
-def _ap_section(stats: ap.Statistics, categories: list[dict]) -> dict:
+def _ap_section(positives: np.ndarray, categories: list[dict], spilled: Parts, groups: list[tuple[int, int]]) -> dict:
     """Per-class COCO AP (segpipe eval ap's numbers) and each class's precision at COCO's 101 recall points (IoU
-    0.5, all areas, 100 detections); null where a class has no ground truth."""
+    0.5, all areas, 100 detections); null where a class has no ground truth. COCO accumulates each class on its
+    own, so a run of classes at a time gives the same numbers."""
     ids = sorted(c["id"] for c in categories)
-    precision, recall = ap.accumulate(stats, len(ids))
+    n_thr, n_rec, n_area, n_max = len(ap.IOU_THRESHOLDS), len(ap.RECALL_THRESHOLDS), len(ap.AREA_RANGES), len(ap.MAX_DETS)
+    precision, recall = -np.ones((n_thr, n_rec, len(ids), n_area, n_max)), -np.ones((n_thr, len(ids), n_area, n_max))
+    for first, last in groups:
+        rows = spilled.read("ap", [("category", ">=", first), ("category", "<=", last)])
+        image, category, score, rank, matched, ignored = (rows.column(name).to_numpy().copy() for name in rows.column_names)
+        shape = (len(ap.AREA_RANGES), len(ap.IOU_THRESHOLDS))
+        stats = ap.Statistics(image, category - first, score, rank, unpack_flags(matched, shape),
+                              unpack_flags(ignored, shape), positives[first:last + 1])
+        precision[:, :, first:last + 1], recall[:, first:last + 1] = ap.accumulate(stats, last - first + 1)
     per_class, curves = {}, {}
     for k, category_id in enumerate(ids):
         per_class[str(category_id)] = dict(zip(ap.STAT_NAMES, ap.summarize(precision[:, :, k:k + 1], recall[:, k:k + 1])))
@@ -582,13 +628,16 @@ def _ap_section(stats: ap.Statistics, categories: list[dict]) -> dict:
             "pr_curves": {"iou": 0.5, "recall": [float(v) for v in ap.RECALL_THRESHOLDS], "precision": curves}}
 
 
-def _calibration(detections: Detections, bins: int) -> dict:
-    """Reliability bins and ECE / MCE of the detections' scores against being a TIDE true positive."""
-    tp = (detections.kind == _TP).astype(np.float64)
-    which = np.minimum((detections.score * bins).astype(np.int64), bins - 1)
-    count = np.bincount(which, minlength=bins)
-    scores = np.bincount(which, detections.score, bins)
-    hits = np.bincount(which, tp, bins)
+def _calibration(chunks, bins: int) -> dict:
+    """Reliability bins and ECE / MCE of the detections' scores against being a TIDE true positive (the
+    detections' score and kind, a chunk at a time)."""
+    count, scores, hits = np.zeros(bins, np.int64), np.zeros(bins), np.zeros(bins)
+    for chunk in chunks:
+        score = chunk.column("score").to_numpy()
+        which = np.minimum((score * bins).astype(np.int64), bins - 1)
+        count += np.bincount(which, minlength=bins)
+        scores += np.bincount(which, score, bins)
+        hits += np.bincount(which, (chunk.column("kind").to_numpy() == _TP).astype(np.float64), bins)
     rows, ece, mce = [], 0.0, 0.0
     for b in range(bins):
         confidence = scores[b] / count[b] if count[b] else None
@@ -597,9 +646,9 @@ def _calibration(detections: Detections, bins: int) -> dict:
                      "confidence": confidence, "accuracy": accuracy})
         if count[b]:
             gap = abs(accuracy - confidence)
-            ece += count[b] / len(tp) * gap
+            ece += count[b] / count.sum() * gap
             mce = max(mce, gap)
-    return {"bins": rows, "ece": float(ece), "mce": float(mce), "count": int(len(tp))}
+    return {"bins": rows, "ece": float(ece), "mce": float(mce), "count": int(count.sum())}
 
 
 # --- the review hand-off ------------------------------------------------------------------------------------

@@ -5,16 +5,19 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from urllib.parse import quote
 
 import imagehash
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline import validate
 from pipeline.io.decode import ImageDecodeError, decode_image
 from pipeline.io.shards import read_named
+from pipeline.report.parts import Parts
 
 # Every check: name -> (group, severity, what it finds). The names, and the thresholds in HealthSettings, are
 # hotcoco's (`healthcheck.rs`) where hotcoco has the check. Errors make a file inconsistent (`segpipe validate`
@@ -144,12 +147,42 @@ class HealthShard:
 
 @dataclass
 class HealthPart:
-    """One shard's findings and image fingerprints: small, whatever the shard's size."""
+    """One shard's findings and image fingerprints; parts of one split add (`+=`, in image order) once their
+    fingerprints are written to the scratch folder (`spill`)."""
 
     split: str
     found: dict[str, Found]
     checked: list[str]
     fingerprints: list[Fingerprint]
+    hashed: int = 0  # fingerprints written to the scratch folder
+
+    def __iadd__(self, other: HealthPart) -> HealthPart:
+        if other.split != self.split or self.fingerprints or other.fingerprints:
+            raise ValueError("health parts add within a split, after their fingerprints are spilled")
+        for check, f in other.found.items():
+            if check in self.found:
+                self.found[check] += f
+            else:
+                self.found[check] = f
+        self.checked = list(dict.fromkeys(self.checked + other.checked))
+        self.hashed += other.hashed
+        return self
+
+
+def hashes_kind(split: str) -> str:
+    """The scratch folder's kind of record holding a split's image fingerprints."""
+    return "hashes-" + quote(split, safe="")
+
+
+def spill(part: HealthPart, parts: Parts, shard: int) -> HealthPart:
+    """The part with its fingerprints written to `parts` (in image-id order) instead: what the duplicate search
+    reads back a chunk at a time."""
+    ordered = sorted(part.fingerprints, key=lambda f: f.image_id)
+    parts.write(hashes_kind(part.split), shard, pa.table({
+        "image_id": pa.array([f.image_id for f in ordered], pa.int64()),
+        "sha256": pa.array([bytes.fromhex(f.sha256) for f in ordered], pa.binary(32)),
+        "phash": pa.array([f.phash for f in ordered], pa.uint64())}))
+    return replace(part, fingerprints=[], hashed=len(ordered))
 
 
 class _Findings(dict):
@@ -427,10 +460,11 @@ def _image_checks(found: _Findings, images: list[dict], root: str) -> list[Finge
 # --- merge: parts in image order, duplicates and leakage across shards and splits ---------------
 
 
-def merge(global_result: dict | list[dict], parts: list[HealthPart], splits: list[str] | None = None,
+def merge(global_result: dict | list[dict], parts: list[HealthPart], hashes: Parts, splits: list[str] | None = None,
           settings: HealthSettings = HealthSettings()) -> dict:
     """The JSON-ready "health" section of global_checks' result (one per GT file: a list when several) and the
-    shards' parts (in image order within each split). `splits` orders the splits (default: as given)."""
+    shards' parts (in image order within each split), their fingerprints spilled to `hashes`. `splits` orders
+    the splits (default: as given)."""
     results = [global_result] if isinstance(global_result, dict) else list(global_result)
     order = list(splits or dict.fromkeys([r["split"] for r in results] + [p.split for p in parts]))
     found: dict[tuple[str, str | None], Found] = defaultdict(lambda: Found(limit=settings.ids_listed))  # (check, split)
@@ -439,11 +473,10 @@ def merge(global_result: dict | list[dict], parts: list[HealthPart], splits: lis
         checked.update(source["checked"])
         for check, f in source["found"].items():
             found[check, source["split"]] += f
-    fingerprints = [(p.split, f) for p in parts for f in p.fingerprints]
-    if fingerprints:
+    if any(p.hashed for p in parts):
         checked.update(["duplicate_image", "near_duplicate_image"] + (["leaked_image", "leaked_near_duplicate"]
                                                                       if len(order) > 1 else []))
-        _image_duplicates(found, fingerprints, order, settings)
+        found.update(image_duplicates(hashes, order, settings, HASH_ROWS))
     findings = []
     for check, (group, severity, detail) in CHECKS.items():
         for split in [*order, None]:
@@ -459,35 +492,101 @@ def merge(global_result: dict | list[dict], parts: list[HealthPart], splits: lis
             "summary": {r["split"]: r["summary"] for r in results}}
 
 
-def _image_duplicates(found: dict, fingerprints: list[tuple[str, Fingerprint]], order: list[str],
-                      settings: HealthSettings) -> None:
+HASH_ROWS = 1 << 16
+"""Fingerprints the duplicate search holds at once (two chunks of them, compared 2^20 pairs at a time)."""
+
+
+def image_duplicates(hashes: Parts, order: list[str], settings: HealthSettings = HealthSettings(),
+                     rows: int = HASH_ROWS) -> dict[tuple[str, str | None], Found]:
     """Exact duplicates (same pixels' sha256) and near ones (pHash within the threshold), within a split or
-    across splits (leakage). Ids: pairs [first, copy] within a split; [[split, id], [split, id]] across."""
-    rank = {s: k for k, s in enumerate(order)}
-    fingerprints = sorted(fingerprints, key=lambda sf: (rank[sf[0]], sf[1].image_id))
-    groups = defaultdict(list)
-    for split, f in fingerprints:
-        groups[f.sha256].append((split, f.image_id))
-    for members in groups.values():
-        first_in = {}
-        for split, image_id in members:
-            if split in first_in:
-                found["duplicate_image", split].add([first_in[split], image_id])
-            elif first_in:
-                first_split, first_id = members[0]
-                found["leaked_image", None].add([[first_split, first_id], [split, image_id]])
-            first_in.setdefault(split, image_id)
-    hashes = np.asarray([f.phash for _, f in fingerprints], np.uint64)
-    shas = [f.sha256 for _, f in fingerprints]
-    block = max(1, (1 << 20) // max(len(hashes), 1))  # rows compared at once: about 8 MiB of XORs, whatever n
-    for start in range(0, len(hashes), block):
-        distance = np.bitwise_count(hashes[start:start + block, None] ^ hashes[None, :])
-        for i, j in zip(*np.nonzero(distance <= settings.phash_distance)):
-            i += start
-            if j <= i or shas[i] == shas[j]:
-                continue
-            (split_i, a), (split_j, b) = fingerprints[i], fingerprints[j]
-            if split_i == split_j:
-                found["near_duplicate_image", split_i].add([a.image_id, b.image_id])
+    across splits (leakage), over the fingerprints of the splits in `order` (each in image-id order).
+    Ids: pairs [first, copy] within a split; [[split, id], [split, id]] across.
+
+    Every chunk of fingerprints is compared with every chunk, so memory holds two chunks whatever the number of
+    images. Identical pixels have identical pHashes, so exact duplicates are among the pairs at distance 0. Each
+    finding keeps its count and its first ids in the order of a sort of all fingerprints by (split, image id):
+    exact duplicates by (the group's first image, the copy), near ones by (image, later image)."""
+    kept = _FirstIds(settings.ids_listed)
+    for a in _hash_chunks(hashes, order, rows):
+        first = _Earliest(len(a["phash"]))  # each image's first identical image
+        first_here = _Earliest(len(a["phash"]))  # and its first identical image in its own split
+        for b in _hash_chunks(hashes, order, rows):
+            block = max(1, (1 << 20) // len(b["phash"]))  # pairs compared at once: about 8 MiB of XORs
+            for lo in range(0, len(a["phash"]), block):
+                distance = np.bitwise_count(a["phash"][lo:lo + block, None] ^ b["phash"][None, :])
+                i, j = np.nonzero(distance <= settings.phash_distance)
+                same = (distance[i, j] == 0) & (a["sha256"][lo + i] == b["sha256"][j]).all(axis=1)
+                i += lo
+                gi, gj = a["position"][i], b["position"][j]
+                earlier = same & (gj < gi)
+                first.lower(i[earlier], j[earlier], b)
+                here = earlier & (a["split"][i] == b["split"][j])
+                first_here.lower(i[here], j[here], b)
+                for k in np.flatnonzero(~same & (gj > gi)):
+                    si, sj = order[a["split"][i[k]]], order[b["split"][j[k]]]
+                    pair = int(a["image_id"][i[k]]), int(b["image_id"][j[k]])
+                    if si == sj:
+                        kept.add(("near_duplicate_image", si), (gi[k], gj[k]), list(pair))
+                    else:
+                        kept.add(("leaked_near_duplicate", None), (gi[k], gj[k]), [[si, pair[0]], [sj, pair[1]]])
+            kept.trim()
+        for k in np.flatnonzero(first.position < a["position"]):
+            split, image_id, key = order[a["split"][k]], int(a["image_id"][k]), (first.position[k], a["position"][k])
+            if first_here.position[k] < a["position"][k]:
+                kept.add(("duplicate_image", split), key, [int(first_here.image_id[k]), image_id])
             else:
-                found["leaked_near_duplicate", None].add([[split_i, a.image_id], [split_j, b.image_id]])
+                kept.add(("leaked_image", None), key, [[order[first.split[k]], int(first.image_id[k])], [split, image_id]])
+        kept.trim()
+    return kept.found()
+
+
+def _hash_chunks(hashes: Parts, order: list[str], rows: int):
+    """The fingerprints of the splits in `order`, about `rows` at a time, with their positions in that order."""
+    start = 0
+    for rank, split in enumerate(order):
+        for table in hashes.chunks(hashes_kind(split), rows=rows):
+            n = table.num_rows
+            sha = table.column("sha256").combine_chunks()
+            yield {"start": start, "position": np.arange(start, start + n), "split": np.full(n, rank),
+                   "image_id": table.column("image_id").to_numpy(), "phash": table.column("phash").to_numpy(),
+                   "sha256": np.frombuffer(sha.buffers()[1], np.uint8, n * 32, sha.offset * 32).reshape(n, 32)}
+            start += n
+
+
+class _Earliest:
+    """Per image of a chunk: the earliest (position, id, split) of the images paired with it so far."""
+
+    def __init__(self, n: int):
+        self.position = np.full(n, np.iinfo(np.int64).max)
+        self.image_id, self.split = np.zeros(n, np.int64), np.zeros(n, np.int64)
+
+    def lower(self, i: np.ndarray, j: np.ndarray, chunk: dict) -> None:
+        """Pairs (i in this chunk, j in `chunk`)."""
+        earliest = np.full(len(self.position), np.iinfo(np.int64).max)
+        np.minimum.at(earliest, i, chunk["position"][j])
+        better = earliest < self.position
+        where = earliest[better] - chunk["start"]
+        self.position[better] = earliest[better]
+        self.image_id[better], self.split[better] = chunk["image_id"][where], chunk["split"][where]
+
+
+class _FirstIds:
+    """Per finding: how many were added, and the ids of the `limit` smallest keys."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.counts: dict = defaultdict(int)
+        self.items: dict = defaultdict(list)
+
+    def add(self, finding: tuple, key: tuple, ids: list) -> None:
+        self.counts[finding] += 1
+        self.items[finding].append((key, ids))
+
+    def trim(self) -> None:
+        for items in self.items.values():
+            items.sort(key=lambda item: item[0])
+            del items[self.limit:]
+
+    def found(self) -> dict[tuple, Found]:
+        self.trim()
+        return {f: Found(self.counts[f], [ids for _, ids in items], limit=self.limit) for f, items in self.items.items()}

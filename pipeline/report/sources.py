@@ -21,9 +21,9 @@ PANOPTIC = "panoptic"  # a COCO panoptic JSON: its entries travel in the shard, 
 INSTANCES = "instances"  # a COCO instances JSON or results file: its annotations travel in the shard
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Image:
-    """One image of the ground truth, as its images list gives it."""
+    """One image of the ground truth, as its images list gives it (slots: half the memory of a dict-backed one)."""
 
     id: int
     file_name: str
@@ -51,6 +51,7 @@ class Truth:
     coco: dict  # the file's top-level content but images and annotations (info, licenses, categories, ...)
     images: list[Image]  # in image-id order
     entries: dict | None  # JSON: image id -> panoptic annotation or list of annotations; None for a table
+    raw: dict | None = None  # JSON: the parsed file, for whole-file checks (the report drops it once the shards are laid out)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def open_truth(uri: str) -> Truth:
     entries = _entries(data["annotations"], panoptic)
     refuse_strays(entries, [im.id for im in images], uri, "an annotation")
     side = Side(uri, PANOPTIC, folder=default_folder(uri)) if panoptic else Side(uri, INSTANCES)
-    return Truth(side, "panoptic" if panoptic else "instances", _things_marked(data["categories"]), coco, images, entries)
+    return Truth(side, "panoptic" if panoptic else "instances", _things_marked(data["categories"]), coco, images, entries,
+                 data)
 
 
 def _things_marked(categories: list[dict]) -> list[dict]:
