@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
-COMMANDS = [["synth"], ["validate"], ["convert"], ["infer"], ["filter"], ["classify"], ["train"], ["engine", "run"], ["engine", "review"], ["engine", "status"], ["review", "export"], ["review", "import"], ["eval", "pq"], ["eval", "ap"], ["eval", "miou"], ["bench", "eval"], ["bench", "infer"], ["report"], ["bench", "report"]]
+COMMANDS = [["synth"], ["validate"], ["convert"], ["infer"], ["filter"], ["classify"], ["train"], ["engine", "run"], ["engine", "review"], ["engine", "status"], ["review", "export"], ["review", "import"], ["eval", "pq"], ["eval", "ap"], ["eval", "miou"], ["bench", "eval"], ["bench", "infer"], ["report"], ["bench", "report"], ["demo"]]
 
 
 def _leaves(command, path=()):

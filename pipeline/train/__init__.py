@@ -21,6 +21,10 @@ from pipeline.train.data import check_categories, check_images, load_dataset
 from pipeline.train.worker import MODEL_FILE, Plan
 
 FORMAT_VERSION = 1
+RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+               "worker_process_setup_hook": "pipeline.train.worker.quiet_logs"}
+"""What training asks of the Ray it starts (a Ray started for it beforehand needs the same): rank 0's progress
+lines reach this terminal once each (Ray Train's print patch off), the workers' log noise silenced."""
 
 
 @dataclass(frozen=True)
@@ -189,10 +193,7 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> No
 
     from pipeline.cluster import connect
 
-    # Workers' output reaches this terminal: rank 0's progress lines, once each (Ray Train's print patch off).
-    started = connect(config.address, log_to_driver=True, runtime_env={
-        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
-        "worker_process_setup_hook": "pipeline.train.worker.quiet_logs"})
+    started = connect(config.address, log_to_driver=True, runtime_env=RUNTIME_ENV)
     try:
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
