@@ -643,7 +643,7 @@ def demo(
 ) -> None:
     """The whole pipeline on synthetic data: synthesise, validate, train, label, evaluate, one engine round, the report.
 
-    Progress on stderr, then a table of each step's seconds, result and outputs. About 5 minutes on 2 cores.
+    Progress on stderr, then a table of each step's seconds, result and outputs. About 10 minutes on 2 busy cores.
 
     Example: segpipe demo --out demo-out --force
     """

@@ -67,7 +67,8 @@ class Step:
 
 @dataclass
 class DemoSummary:
-    """What the demo did: its steps in order and the key numbers, each read back from the file that holds it."""
+    """What the demo did: its steps in order, and the key numbers as pq.json, ap.json and the engine's manifests
+    hold them."""
 
     out: str
     steps: list[Step] = field(default_factory=list)
@@ -90,7 +91,8 @@ def prepare(out: str, force: bool) -> None:
         raise SegpipeError(f"{out}: is a file; the demo writes a folder")
     if folder.exists() and any(folder.iterdir()):
         if not force:
-            raise SegpipeError(f"{out}: not empty; pass --force to replace an earlier demo's output, or use another --out")
+            raise SegpipeError(f"{out}: not empty; pass --force to replace an earlier demo's output, or use another "
+                               "--out")
         if not (folder / MARKER).is_file():
             raise SegpipeError(f"{out}: holds files that are not a segpipe demo's (no {MARKER}); not deleting them: "
                                "use another --out")
@@ -182,7 +184,8 @@ def _train(root: Path, settings: DemoSettings, summary: DemoSummary, progress: C
     from pipeline.train import run as train
 
     result = train(TrainConfig(train=str(root / "annotations" / "panoptic_train.json"),
-                               val=str(root / "annotations" / "panoptic_val.json"), model=MODEL, out=str(root / "model"),
+                               val=str(root / "annotations" / "panoptic_val.json"), model=MODEL,
+                               out=str(root / "model"),
                                steps=settings.steps, checkpoint_every=settings.checkpoint_every), progress=progress)
     last = result.history[-1]
     return (f"{result.steps} steps; val PQ {last['pq']:.4f}, AP {last['ap']:.4f}", "model/model.pt",
@@ -209,7 +212,8 @@ def _evaluate_pq(root: Path, settings: DemoSettings, summary: DemoSummary, progr
     from pipeline.evaluate.pq import evaluate_pq
     from pipeline.io.fs import write_json
 
-    result = evaluate_pq(str(root / "annotations" / "panoptic_val.json"), str(root / "labels-val" / "panoptic_pred.json"))
+    result = evaluate_pq(str(root / "annotations" / "panoptic_val.json"),
+                         str(root / "labels-val" / "panoptic_pred.json"))
     write_json(str(root / "labels-val" / "pq.json"), result)
     summary.pq = result["All"]["pq"]
     return (f"PQ {summary.pq:.4f} (things {result['Things']['pq']:.4f}, stuff {result['Stuff']['pq']:.4f})",

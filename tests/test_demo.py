@@ -1,6 +1,7 @@
 """`segpipe demo`: every step runs, and the closing table's numbers are the ones its files hold."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -43,14 +44,15 @@ def test_small_demo_table_agrees_with_the_files_it_wrote(tmp_path):
     # Ray Train's when the machine is overloaded (it retries; plain `segpipe train` prints them too).
     assert not [line for line in done.stderr.splitlines() if "Traceback" in line and not _forwarded(line)]
     # stdout holds the table alone (the training workers' forwarded lines went to stderr with the progress).
-    assert all(line[:1] in "│┃┏┡└" or line.startswith("segpipe demo: ") for line in done.stdout.splitlines() if line)
+    lines = [line for line in done.stdout.splitlines() if line]
+    assert lines[0].startswith("segpipe demo: ") and all(line[:1] in "│┃┏┡└" for line in lines[1:])
     steps = ["synthesise", "validate", "start Ray", "train", "label", "evaluate PQ", "evaluate AP", "engine round",
              "stop Ray", "report"]
     for number, step in enumerate(steps, 1):
         assert f"demo {number}/{len(steps)}: {step}\n" in done.stderr
     rows = _rows(done.stdout)
     assert list(rows) == [*steps, "total"]
-    result = {name: lines[0][2] for name, lines in rows.items()}
+    result = {name: cells[0][2] for name, cells in rows.items()}
 
     pq = json.loads((out / "labels-val" / "pq.json").read_text())
     ap = json.loads((out / "labels-val" / "ap.json").read_text())
@@ -66,7 +68,9 @@ def test_small_demo_table_agrees_with_the_files_it_wrote(tmp_path):
     labelled = json.loads((out / "labels-val" / "summary.json").read_text())
     assert result["label"].startswith(f"{labelled['images']} images, {labelled['segments']} segments, 0 failed")
     assert labelled["images"] == len(json.loads((out / "annotations" / "panoptic_val.json").read_text())["images"])
-    assert result["synthesise"] == f"train {demo.SMALL.train} (2 tar shards), val {demo.SMALL.val}, pool {demo.SMALL.pool} images"
+    small, shards = demo.SMALL, len(list((out / "shards").glob("train-*.tar")))
+    assert shards == math.ceil(small.train / small.shard_size)
+    assert result["synthesise"] == f"train {small.train} ({shards} tar shards), val {small.val}, pool {small.pool} images"
     assert result["validate"] == "val: panoptic valid, instances valid"
 
     report = json.loads((out / "report" / "report.json").read_text())
