@@ -19,10 +19,11 @@ from pathlib import Path
 # The child: run the report, then print wall time and peak RSS (its own, and its worker processes').
 _CHILD = """
 import json, resource, sys, time
+from pipeline.progress import lines
 from pipeline.report import ReportConfig, run
 config = ReportConfig(**json.loads(sys.argv[1]))
 start = time.perf_counter()
-run(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+run(config, progress=lines())
 wall = time.perf_counter() - start
 print(json.dumps({"wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "workers_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))

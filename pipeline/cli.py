@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import time
@@ -12,20 +13,42 @@ import typer
 
 from pipeline import synth as synth_stage
 from pipeline import validate as validate_stage
-from pipeline.errors import SegpipeError
+from pipeline.cluster import RAY_LOGS, quiet_native_logs
+from pipeline.errors import SegpipeError, WorkFailed
 from pipeline.io.fs import write_json
 from pipeline.models import MODELS
+from pipeline.progress import show_table, shown
+
+# The groups `segpipe --help` lists the verbs in (rich_help_panel of every command and sub-app).
+DATA = "Data"
+LABELING = "Labeling"
+TRAINING = "Training and the engine"
+EVALUATION = "Evaluation and reports"
+JOBS = "Jobs"
+BENCHMARKS = "Benchmarks"
+EXIT_CODES = ("Exit codes: 0 done; 1 the work ran and found problems or failures (listed); "
+              "2 bad usage or input (one line on stderr).")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Label, convert and evaluate segmentation datasets at scale.")
+                  help="Label, convert and evaluate segmentation datasets at scale.", epilog=EXIT_CODES)
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate predictions: panoptic quality (pq), COCO AP (ap), semantic mIoU (miou).")
-app.add_typer(eval_app, name="eval")
+app.add_typer(eval_app, name="eval", rich_help_panel=EVALUATION)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON reports, medians of fresh-process runs.")
-app.add_typer(bench_app, name="bench")
+app.add_typer(bench_app, name="bench", rich_help_panel=BENCHMARKS)
 engine_app = typer.Typer(no_args_is_help=True, help="The data engine: rounds of annotate, filter, retrain, evaluate, promote.")
-app.add_typer(engine_app, name="engine")
-review_app = typer.Typer(no_args_is_help=True, help="Human review: export doubtful pseudo-labels to CVAT or Label Studio, import the corrections.")
-app.add_typer(review_app, name="review")
+app.add_typer(engine_app, name="engine", rich_help_panel=TRAINING)
+review_app = typer.Typer(no_args_is_help=True, help="Human review: doubtful pseudo-labels out to CVAT or Label Studio, corrections back in.")
+app.add_typer(review_app, name="review", rich_help_panel=LABELING)
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("--verbose", help=f"Show Ray's own logs (start-up, workers, C++ notes); "
+                                                            f"so does {RAY_LOGS}=1.")] = False,
+) -> None:
+    if verbose:
+        os.environ[RAY_LOGS] = "1"  # read where Ray starts (pipeline.cluster), in this process and its children
+
 
 Workers = Annotated[int, typer.Option(min=1, help="Local worker processes; 1 runs in this process. Output does not depend on it.")]
 SAM = "SAM proposals (sam_vit_b/l/h only; SAM's defaults)"
@@ -37,11 +60,15 @@ Threads = Annotated[Optional[int], typer.Option(min=0, help="With --workers 1: s
 
 
 def _user_errors(command):
-    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+    """Bad input ends in one line on stderr and exit code 2, never a traceback; work that failed where it ran, in
+    one line and exit code 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except WorkFailed as error:
+            typer.echo(f"segpipe: error: {error}", err=True)
+            raise typer.Exit(1) from None
         except SegpipeError as error:
             typer.echo(f"segpipe: error: {error}", err=True)
         except OSError as error:  # the filesystem refused (permissions, disk full, bad bucket)
@@ -67,7 +94,7 @@ def _counts(value: str, option: str, least: int = 1) -> list[int]:
     return counts
 
 
-@app.command()
+@app.command(rich_help_panel=DATA)
 @_user_errors
 def synth(
     out: Annotated[str, typer.Argument(help="Output root (any fsspec URI); gets <split>/ and annotations/.")],
@@ -78,7 +105,10 @@ def synth(
     shard_size: Annotated[Optional[int], typer.Option(min=1, help="Also write tar shards of this many images.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Rendering processes (output does not depend on it).")] = os.cpu_count() or 1,
 ) -> None:
-    """Write a synthetic COCO dataset: JPEGs, instances JSON, panoptic JSON and PNGs."""
+    """Write a synthetic COCO dataset: JPEGs, instances and panoptic JSON, panoptic PNGs.
+
+    Example: segpipe synth demo-out --images 200 --split train --seed 0 --shard-size 50
+    """
     height, width = _size(size)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", split):
         raise SegpipeError(f"split {split!r}: use letters, digits, '_', '-' and '.' only")
@@ -92,14 +122,17 @@ def synth(
                + f" to {out} in {seconds:.1f} s ({counts['images'] / seconds:.0f} images/s)")
 
 
-@app.command()
+@app.command(rich_help_panel=DATA)
 @_user_errors
 def validate(
     file: Annotated[str, typer.Argument(help="COCO instances or panoptic JSON (any fsspec URI).")],
     png_dir: Annotated[Optional[str], typer.Option("--dir", help="Panoptic PNG folder (default: FILE without .json).")] = None,
     images: Annotated[Optional[str], typer.Option(help="Image folder: check image sizes against the JSON.")] = None,
 ) -> None:
-    """Check a COCO file; print one line per problem, exit 1 if there are any."""
+    """Check a COCO file: one line per problem on stdout, exit 1 if there are any.
+
+    Example: segpipe validate demo-out/annotations/panoptic_val.json --images demo-out/val
+    """
     report = validate_stage.validate(file, folder=png_dir, images_folder=images)
     for problem in report.problems:
         typer.echo(str(problem))
@@ -110,7 +143,7 @@ def validate(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(rich_help_panel=DATA)
 @_user_errors
 def convert(
     src: Annotated[str, typer.Argument(help="COCO instances or panoptic JSON, a dataset table folder, a folder of SA-1B JSON files, or a predictions folder (`segpipe infer` layout) of class-agnostic proposals (any fsspec URI).")],
@@ -120,8 +153,10 @@ def convert(
     row_group_images: Annotated[int, typer.Option(min=1, help="Images per Parquet row group; evaluation reads a shard of 500 images, so 500 reads one row group a shard.")] = 500,
     gt: Annotated[Optional[str], typer.Option(help="SRC is a COCO results file on this ground truth: write OUT as a predictions table.")] = None,
 ) -> None:
-    """Convert a COCO file to a segpipe dataset table (Parquet) or back, exactly; a results file to a predictions table;
-    SA-1B files to a predictions folder or back, exactly.
+    """Convert COCO files, dataset tables, results files and SA-1B files, exactly.
+
+    A COCO file to a segpipe dataset table (Parquet) or back; a results file to a predictions table;
+    SA-1B files to a predictions folder or back.
 
     Example: segpipe convert annotations/panoptic_val2017.json s3://bucket/val-table --images val2017
 
@@ -136,7 +171,7 @@ def convert(
                f"in {time.perf_counter() - start:.1f} s")
 
 
-@app.command()
+@app.command(rich_help_panel=LABELING)
 @_user_errors
 def infer(
     input: Annotated[str, typer.Option(help="Images: a folder, tar shards or Parquet files with image bytes (any fsspec URI or glob).")],
@@ -171,10 +206,14 @@ def infer(
     min_region_area: Annotated[int, typer.Option(min=0, help="Remove holes and islands smaller than this from each mask (0: off).", rich_help_panel=SAM)] = 0,
     address: Address = None,
 ) -> None:
-    """Label images with a model on Ray: Parquet predictions, COCO panoptic PNG + JSON, COCO results JSON.
+    """Label images with a model on Ray: Parquet predictions, COCO panoptic and results.
 
     With a SAM model (sam_vit_b/l/h, --weights: SAM's released checkpoint), class-agnostic proposals from its
-    automatic mask generator: category 1 "object", score = predicted IoU, stability = SAM's stability score."""
+    automatic mask generator: category 1 "object", score = predicted IoU, stability = SAM's stability score.
+    Exit 1 when some images could not be used (listed in OUT/errors.parquet).
+
+    Example: segpipe infer --input demo-out/val --model segpipe_small --weights demo-out/model/model.pt --out demo-out/labels-val
+    """
     from pipeline import infer as infer_stage
     from pipeline.io.fs import read_json
     from pipeline.models import check_model_name
@@ -202,18 +241,18 @@ def infer(
         input=input, out=out, model=model, settings=settings, name=name, batch_size=batch_size, actors=actors,
         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, files_per_shard=files_per_shard,
         image_info=image_info, flip_check=flip_check, address=address)
-    summary = infer_stage.run(config, progress=lambda line: typer.echo(line, err=True))
+    with shown() as progress:
+        summary = infer_stage.run(config, progress=progress)
     stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in summary.stage_s.items())
-    typer.echo(f"{summary.images} images, {summary.segments} segments, {summary.failed} failed, "
-               f"{summary.images_per_s:.1f} images/s ({summary.wall_s:.1f} s wall; busy s: {stages})")
-    for kind, where in summary.outputs.items():
-        typer.echo(f"  {kind:18} {where}")
+    show_table([("images", summary.images), ("segments", summary.segments), ("failed", summary.failed),
+                ("images/s", f"{summary.images_per_s:.1f} ({summary.wall_s:.1f} s wall; busy s: {stages})"),
+                *summary.outputs.items()])
     if summary.failed:
         typer.echo(f"segpipe: {summary.failed} images failed; see {summary.outputs['errors']}", err=True)
         raise typer.Exit(1)
 
 
-@app.command("filter")
+@app.command("filter", rich_help_panel=LABELING)
 @_user_errors
 def filter_command(
     pred: Annotated[str, typer.Option(help="A `segpipe infer` output folder (any fsspec URI).")],
@@ -230,7 +269,12 @@ def filter_command(
     target_precision: Annotated[Optional[float], typer.Option(min=0, max=1, help="With --audit: choose the --tune rule's threshold per class, the loosest whose audit precision reaches this.")] = None,
     tune: Annotated[str, typer.Option(help="The rule --target-precision chooses per class: min_score, min_stability, min_flip_iou or min_class_agreement.")] = "min_score",
 ) -> None:
-    """Choose pseudo-labels: every candidate segment kept or rejected by rules on its quality signals, audited."""
+    """Choose pseudo-labels by rules on their quality signals, audited on a labelled sample.
+
+    Every candidate segment is kept or rejected (with the first rule that rejected it).
+
+    Example: segpipe filter --pred demo-out/engine/round-1/infer --out kept --min-score 0.3 --min-stability 0.9
+    """
     from pipeline.filtering import TUNABLE, FilterRules, Thresholds, run
 
     if tune not in TUNABLE:
@@ -256,14 +300,16 @@ def filter_command(
     typer.echo(f"  decisions  {out.rstrip('/')}/decisions\n  labels     {out.rstrip('/')} (segpipe train --train)")
 
 
-@app.command()
+@app.command(rich_help_panel=LABELING)
 @_user_errors
 def classify(
     proposals: Annotated[str, typer.Option(help="Class-agnostic proposals: a `segpipe infer` output folder of a proposals model (SAM) or `segpipe convert` of SA-1B files.")],
     panoptic: Annotated[str, typer.Option(help="A panoptic model's `segpipe infer` output folder on the same images (paired by file name).")],
     out: Annotated[str, typer.Option(help="Output folder: predictions/ (the classified proposals, largest first), categories.json, classify.json, run.json.")],
 ) -> None:
-    """Give each proposal the panoptic prediction's category covering most of its pixels, with that share as class_agreement.
+    """Give class-agnostic proposals (SAM's) the classes of a panoptic model's prediction.
+
+    Each proposal gets the category covering most of its pixels, with that share as class_agreement.
 
     Example: segpipe classify --proposals sam-out --panoptic panoptic-out --out classified
     """
@@ -290,7 +336,8 @@ def engine_run(
 
     spec = engine.load_job(job)
     engine.check_job(spec)
-    manifests = engine.run(spec, progress=lambda line: typer.echo(line, err=True))
+    with shown() as progress:
+        manifests = engine.run(spec, progress=progress)
     typer.echo(engine.table(manifests))
     if not manifests[-1].get("waiting"):
         typer.echo(f"model: {manifests[-1]['current']}")
@@ -303,8 +350,10 @@ def engine_review(
     round: Annotated[int, typer.Argument(min=1, help="The round whose review export people corrected.")],
     corrected: Annotated[str, typer.Argument(help="Their corrections: CVAT's COCO 1.0 export, or Label Studio's JSON export.")],
 ) -> None:
-    """Import people's corrections of a round's review export: human labels for that round's retrain (if it has not
-    started) and every later round's; the accepted / changed / deleted / added counts go into the round's manifest.
+    """Import people's corrections of a round's review export into the engine.
+
+    They are human labels for that round's retrain (if it has not started) and every later round's; the accepted /
+    changed / deleted / added counts go into the round's manifest.
 
     Example: segpipe engine review engine-out 1 annotations/instances_default.json
     """
@@ -320,7 +369,10 @@ def engine_review(
 def engine_status(
     out: Annotated[str, typer.Argument(help="A data-engine job's out folder.")],
 ) -> None:
-    """The rounds so far: candidates, kept pseudo-labels, audit precision, held-out PQ, promoted."""
+    """The rounds so far: candidates, kept, audit precision, held-out PQ, promoted.
+
+    Example: segpipe engine status demo-out/engine
+    """
     from pipeline import engine
 
     typer.echo(engine.table(engine.status(out)))
@@ -338,7 +390,9 @@ def review_export(
     image: Annotated[Optional[list[str]], typer.Option("--image", help="Export this image (file name or id) instead of choosing by doubt (repeat).")] = None,
     image_url: Annotated[str, typer.Option(help="Label Studio: data.image is this prefix + the file name.")] = "/data/local-files/?d=",
 ) -> None:
-    """Write the candidates a person should look at, for CVAT (COCO 1.0) and Label Studio (tasks with brush pre-annotations).
+    """Write the most doubtful candidates for people to correct in CVAT or Label Studio.
+
+    CVAT gets a COCO 1.0 file, Label Studio tasks with brush pre-annotations.
 
     Example: segpipe review export --filtered round-1/filter --out review-1 --images 100
     """
@@ -363,7 +417,7 @@ def review_import(
     corrected: Annotated[str, typer.Option(help="The reviewed file: CVAT's COCO 1.0 export (instances JSON) or Label Studio's JSON export.")],
     out: Annotated[str, typer.Option(help="Labels folder (segpipe train --train OUT) and review.json.")],
 ) -> None:
-    """Read the corrections back, count the masks people accepted, changed, deleted and added, write them as labels.
+    """Read people's corrections back as labels: masks accepted, changed, deleted, added.
 
     Example: segpipe review import --export review-1 --corrected instances_default.json --out labels-1
     """
@@ -382,7 +436,7 @@ def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-@app.command()
+@app.command(rich_help_panel=TRAINING)
 @_user_errors
 def train(
     train: Annotated[list[str], typer.Option(help="Human training labels: COCO panoptic or instances JSON, or a folder of the predictions-table layout (`segpipe review import`, `segpipe infer`); repeat for more sources, one stream.")],
@@ -407,7 +461,11 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run OUT holds from its last checkpoint.")] = False,
     address: Address = None,
 ) -> None:
-    """Train a model on Ray Train (data-parallel), validating with segpipe's PQ and AP; resumable."""
+    """Train a model on Ray Train (data-parallel), validated by PQ and AP; resumable.
+
+    Example: segpipe train --train demo-out/annotations/panoptic_train.json \\
+    --val demo-out/annotations/panoptic_val.json --model segpipe_small --steps 200 --out demo-out/model
+    """
     from dataclasses import replace
 
     from pipeline import train as train_stage
@@ -418,13 +476,12 @@ def train(
         learning_rate=learning_rate, seed=seed, checkpoint_every=checkpoint_every, resume=resume, address=address,
         settings=replace(train_stage.TrainConfig.settings, min_size=min_size, max_size=max_size))
     start = time.perf_counter()
-    result = train_stage.run(config, progress=lambda line: typer.echo(line, err=True))
-    typer.echo(f"trained {result.steps} steps in {time.perf_counter() - start:.1f} s")
-    typer.echo(f"{'step':>6} {'PQ':>7} {'PQ_th':>7} {'PQ_st':>7} {'AP':>7}")
-    for point in result.history:
-        typer.echo(f"{point['step']:>6} " + " ".join(
-            f"{point[key]:7.4f}" if key in point else f"{'-':>7}" for key in ("pq", "pq_things", "pq_stuff", "ap")))
-    typer.echo(f"model: {result.model}")
+    with shown() as progress:
+        result = train_stage.run(config, progress=progress)
+    show_table([(point["step"], *(f"{point[key]:.4f}" if key in point else "-"
+                                  for key in ("pq", "pq_things", "pq_stuff", "ap"))) for point in result.history],
+               header=("step", "PQ", "PQ_th", "PQ_st", "AP"))
+    show_table([("steps", f"{result.steps} in {time.perf_counter() - start:.1f} s"), ("model", result.model)])
 
 
 def _report(result: dict, table: str, out: str | None, start: float) -> None:
@@ -448,15 +505,16 @@ def eval_pq(
     address: Address = None,
     threads: Threads = None,
 ) -> None:
-    """Panoptic quality (PQ, SQ, RQ) with the semantics of panopticapi's pq_compute, and the semantic view's mIoU.
+    """Panoptic quality (PQ, SQ, RQ) as panopticapi's pq_compute, and the semantic view's mIoU.
 
     Example: segpipe eval pq --gt annotations/panoptic_val2017.json --pred labels/predictions --out pq.json
     """
     from pipeline.evaluate.pq import evaluate_pq, format_table
 
     start = time.perf_counter()
-    result = evaluate_pq(gt, pred, gt_dir=gt_dir, pred_dir=pred_dir, workers=workers, address=address,
-                         drop_unknown_categories=drop_unknown_categories, threads=threads)
+    with shown() as progress:
+        result = evaluate_pq(gt, pred, gt_dir=gt_dir, pred_dir=pred_dir, workers=workers, address=address,
+                             drop_unknown_categories=drop_unknown_categories, threads=threads, progress=progress)
     if result["dropped_segments"]:
         typer.echo(f"segpipe: made {result['dropped_segments']} segments of categories the ground truth lacks VOID",
                    err=True)
@@ -476,15 +534,16 @@ def eval_ap(
     address: Address = None,
     threads: Threads = None,
 ) -> None:
-    """COCO AP and AR (the 12 COCOeval numbers, and per class) with pycocotools' semantics.
+    """COCO AP and AR (the 12 COCOeval numbers, and per class) as pycocotools computes them.
 
     Example: segpipe eval ap --gt annotations/instances_val2017.json --pred detections.json --iou-type segm
     """
     from pipeline.evaluate.ap import evaluate_ap, format_table
 
     start = time.perf_counter()
-    result = evaluate_ap(gt, pred, iou_type=iou_type, workers=workers, address=address,
-                         drop_unknown_categories=drop_unknown_categories, threads=threads)
+    with shown() as progress:
+        result = evaluate_ap(gt, pred, iou_type=iou_type, workers=workers, address=address,
+                             drop_unknown_categories=drop_unknown_categories, threads=threads, progress=progress)
     if result["dropped_detections"]:
         typer.echo(f"segpipe: dropped {result['dropped_detections']} detections of categories the ground truth lacks",
                    err=True)
@@ -505,19 +564,22 @@ def eval_miou(
     address: Address = None,
     threads: Threads = None,
 ) -> None:
-    """Semantic segmentation: per-class IoU, mIoU, fwIoU, aAcc, mAcc (mmsegmentation's and detectron2's definitions).
+    """Semantic segmentation: mIoU, fwIoU, aAcc, mAcc and per-class IoU.
+
+    The definitions are mmsegmentation's and detectron2's.
 
     Example: segpipe eval miou --gt ade/annotations/validation --pred out/sem --classes ade20k_classes.json
     """
     from pipeline.evaluate.miou import evaluate_miou, format_table
 
     start = time.perf_counter()
-    result = evaluate_miou(gt, pred, classes=classes, ignore_index=ignore_index, gt_dir=gt_dir, pred_dir=pred_dir,
-                           workers=workers, address=address, threads=threads)
+    with shown() as progress:
+        result = evaluate_miou(gt, pred, classes=classes, ignore_index=ignore_index, gt_dir=gt_dir, pred_dir=pred_dir,
+                               workers=workers, address=address, threads=threads, progress=progress)
     _report(result, format_table(result), out, start)
 
 
-@app.command()
+@app.command(rich_help_panel=EVALUATION)
 @_user_errors
 def report(
     dataset: Annotated[str, typer.Option(help="Ground truth: COCO instances or panoptic JSON (+ PNG folder), or a dataset table (segpipe convert).")],
@@ -533,9 +595,11 @@ def report(
     workers: Workers = 1,
     address: Address = None,
 ) -> None:
-    """A dataset's report: health (labels, masks, image files, duplicates, leakage), contents, and with --pred the
-    model's errors (per-class PQ / AP, confusion, calibration, TIDE, panoptic error split, label-error candidates)
-    and with --compare both prediction sets with bootstrap intervals.
+    """A dataset's report (HTML, JSON): health, contents, with --pred the model's errors.
+
+    Health: labels, masks, image files, duplicates, leakage. With --pred the model's errors: per-class PQ / AP,
+    confusion, calibration, TIDE, panoptic error split, label-error candidates; with --compare both prediction
+    sets with bootstrap intervals.
 
     Writes OUT/report.html (self-contained: opens from disk, no network), OUT/report.json (every number on the
     page) and with --pred OUT/label-errors.json (the candidates as a COCO file for review). Progress goes to stderr.
@@ -545,11 +609,33 @@ def report(
     from pipeline.report import ReportConfig, run
 
     start = time.perf_counter()
-    result = run(ReportConfig(dataset=dataset, out=out, pred=pred, compare=compare, images=images, workers=workers,
-                              address=address, shard_size=shard_size, resamples=resamples, seed=seed,
-                              thumbnails=thumbnails, leakage_with=tuple(leakage_with or ())),
-                 progress=lambda line: typer.echo(f"report: {line} ({time.perf_counter() - start:.1f} s)", err=True))
-    typer.echo(f"report: {result.html}")
+    with shown() as progress:
+        result = run(ReportConfig(dataset=dataset, out=out, pred=pred, compare=compare, images=images, workers=workers,
+                                  address=address, shard_size=shard_size, resamples=resamples, seed=seed,
+                                  thumbnails=thumbnails, leakage_with=tuple(leakage_with or ())), progress=progress)
+    show_table([("report", result.html), ("numbers", result.json),
+                *([("label errors", f"{out.rstrip('/')}/label-errors.json")] if pred else []),
+                ("seconds", f"{time.perf_counter() - start:.1f}")])
+
+
+@app.command("run", rich_help_panel=JOBS)
+@_user_errors
+def run_job(
+    job: Annotated[str, typer.Argument(help="The job spec (YAML; kind: label, eval, engine or report; see jobs/).")],
+    address: Address = None,
+) -> None:
+    """Run a job spec here (label, eval, engine or report), checked against its schema first.
+
+    The schema is schemas/KIND-job.json. A label job labels the input's shards that no earlier run committed (run it again: it does only what is new).
+
+    Example: segpipe run jobs/label.yaml
+    """
+    from pipeline import jobs
+
+    spec = jobs.load(job)
+    with shown() as progress:
+        code = jobs.run(spec, address=address, progress=progress)
+    raise typer.Exit(code)
 
 
 @bench_app.command("eval")
@@ -565,18 +651,29 @@ def bench_eval(
     threads: Annotated[str, typer.Option(help="segpipe thread counts with one worker, comma-separated; 0: every core.")] = "1",
     out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-eval.json",
 ) -> None:
-    """AP, PQ and mIoU: segpipe against pycocotools, faster-coco-eval, hotcoco and torchmetrics, each in a fresh process."""
+    """AP, PQ and mIoU: segpipe against pycocotools, faster-coco-eval, hotcoco, torchmetrics.
+
+    Each measurement runs in a fresh process, on the same cores. Exit 1 when one failed or its numbers
+    differ from the reference tool's by more than 1e-9 (FAILED or MISMATCH in the table).
+
+    Example: segpipe bench eval --images 1000 --repeat 3 --threads 0,1
+    """
     from pathlib import Path
 
     from pipeline.bench import run
 
     height, width = _size(size)
     try:
-        run(Path(data), images, height, width, repeat, _counts(workers, "--workers"), Path(out),
-            tasks=tasks.split(","), shapes=shapes.split(","), echo=typer.echo, threads=_counts(threads, "--threads", 0))
+        report = run(Path(data), images, height, width, repeat, _counts(workers, "--workers"), Path(out),
+                     tasks=tasks.split(","), shapes=shapes.split(","), echo=typer.echo,
+                     threads=_counts(threads, "--threads", 0))
     except ValueError as error:
         raise SegpipeError(str(error)) from None
     typer.echo(f"report: {out}")
+    bad = [row for row in report["rows"] if "error" in row or row.get("mismatch")]
+    if bad:  # the table above marks them FAILED or MISMATCH
+        typer.echo(f"segpipe: {len(bad)} measurements failed or disagree with the reference", err=True)
+        raise typer.Exit(1)
 
 
 @bench_app.command("infer")
@@ -593,7 +690,12 @@ def bench_infer(
     actors: Annotated[str, typer.Option(help="Actor counts to measure, comma-separated.")] = "1,2",
     out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-infer.json",
 ) -> None:
-    """Inference: `segpipe infer` end to end against the raw model on the same batches (efficiency, scaling)."""
+    """Inference: `segpipe infer` end to end against the raw model (efficiency, scaling).
+
+    Both run on the same decoded batches with the same threads.
+
+    Example: segpipe bench infer --images 1024 --size 256x256 --actors 1,2
+    """
     from pathlib import Path
 
     from pipeline.bench_infer import run
@@ -617,7 +719,9 @@ def bench_report(
     inputs: Annotated[str, typer.Option(help="Input forms, comma-separated: json (COCO files), tables (segpipe convert).")] = "json,tables",
     out: Annotated[str, typer.Option(help="Report JSON.")] = "bench-report.json",
 ) -> None:
-    """segpipe report on synthetic data of several sizes (two prediction sets compared): wall time and peak memory.
+    """segpipe report on synthetic data of several sizes: wall time and peak memory.
+
+    Each size has two prediction sets compared.
 
     Example: segpipe bench report --images 2500,10000 --size 128x128 --inputs json,tables
     """
@@ -634,30 +738,185 @@ def bench_report(
     typer.echo(f"report: {out}")
 
 
-@app.command()
+@app.command(rich_help_panel=JOBS)
+@_user_errors
+def schedule(
+    job: Annotated[str, typer.Argument(help="A label job spec (YAML); its schedule section gives the cron expression.")],
+    once: Annotated[bool, typer.Option(help="Run one tick and exit (for cron, a systemd timer or an orchestrator).")] = False,
+    address: Address = None,
+) -> None:
+    """Label what is new in a label job's input, on its cron schedule (ticks).
+
+    Each tick labels the shards no earlier tick committed, exactly once, under leases that let ticks overlap and a
+    dead tick's work be taken over; --once runs one tick (for cron, a systemd timer or a Kubernetes CronJob).
+
+    Example: segpipe schedule jobs/label.yaml --once
+    """
+    from pipeline import jobs
+    from pipeline.jobs import schedule as scheduled
+
+    loaded = jobs.load(job)
+    with shown() as progress:
+        if once:
+            summary = scheduled.tick(loaded, address, progress=progress)
+            code = summary.exit_code
+            typer.echo(scheduled.describe(summary))
+        else:
+            code = scheduled.serve(loaded, address, progress, report=lambda summary: typer.echo(scheduled.describe(summary)))
+    raise typer.Exit(code)
+
+
+# --- submission to a Ray cluster: segpipe submit, segpipe jobs list | status | logs | stop -------------------
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster: list, status, logs, stop.")
+app.add_typer(jobs_app, name="jobs", rich_help_panel=JOBS)
+JobServer = Annotated[Optional[str], typer.Option("--address", help="Ray's job server (the dashboard), e.g. http://HEAD:8265. Default: RAY_ADDRESS, else http://127.0.0.1:8265.")]
+JobId = Annotated[str, typer.Argument(help="The submission id (segpipe submit prints it; segpipe jobs list lists them).")]
+
+
+def _ended(status: str) -> None:
+    """Exit 1 for a job that failed or was stopped."""
+    if status in ("FAILED", "STOPPED"):
+        raise typer.Exit(1)
+
+
+@app.command(rich_help_panel=JOBS)
+@_user_errors
+def submit(
+    job: Annotated[str, typer.Argument(help="The job spec (YAML); checked here, before the cluster is contacted.")],
+    address: JobServer = None,
+    window: Annotated[Optional[str], typer.Option(help="A time window (e.g. a schedule tick's, 20261127T1415): one submission per spec and window.")] = None,
+    follow: Annotated[bool, typer.Option(help="Stream the job's logs until it ends; exit 1 if it failed or was stopped.")] = False,
+) -> None:
+    """Run a job spec on a Ray cluster through Ray's Job Submission API.
+
+    The spec and segpipe's code are shipped; the cluster needs segpipe's dependencies. The same spec (and --window) submitted again attaches to the first submission,
+    unless that one failed or was stopped: then it is resubmitted as ID-retryN, and resumes.
+
+    Example: segpipe submit jobs/label.yaml --address http://head:8265 --follow
+    """
+    from pipeline import jobs
+    from pipeline.jobs import submit as submission
+
+    done = submission.submit(jobs.load(job), address, window)
+    verb = "attached to" if done.attached else "submitted"
+    typer.echo(f"{verb} {done.submission_id} ({done.status}) at {done.address}")
+    if follow:
+        status = submission.follow(submission.connect(address), done.submission_id, lambda text: typer.echo(text, nl=False))
+        typer.echo(f"{done.submission_id}: {status}")
+        _ended(status)
+
+
+@jobs_app.command("list")
+@_user_errors
+def jobs_list(
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON: one object per job.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Also jobs submitted by other tools than segpipe.")] = False,
+    address: JobServer = None,
+) -> None:
+    """The submitted segpipe jobs, oldest first.
+
+    Their id, kind, status, start and end (UTC), and Ray's message.
+
+    Example: segpipe jobs list --address http://head:8265 --json
+    """
+    from pipeline.jobs.submit import list_jobs
+
+    found = list_jobs(address, everything=all_)
+    if json_:
+        typer.echo(json.dumps(found, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    def when(iso: str | None) -> str:
+        return iso.replace("T", " ").removesuffix("+00:00") if iso else ""
+
+    table = Table(Column("submission id", no_wrap=True), "kind", Column("status", no_wrap=True), Column("start (UTC)", overflow="fold"),
+                  Column("end (UTC)", overflow="fold"), Column("message", overflow="fold"))
+    for job in found:
+        table.add_row(job["submission_id"], job["kind"] or "", job["status"], when(job["start_time"]),
+                      when(job["end_time"]), job["message"] or "")
+    Console().print(table)
+
+
+@jobs_app.command("status")
+@_user_errors
+def jobs_status(
+    job: JobId,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    address: JobServer = None,
+) -> None:
+    """A submitted job's status; exit 1 if it failed or was stopped.
+
+    Example: segpipe jobs status segpipe-label-84c23cb89526fe1e --json
+    """
+    from pipeline.jobs.submit import status
+
+    found = status(job, address)
+    typer.echo(json.dumps(found, indent=1) if json_ else
+               "\n".join(f"{key}: {value}" for key, value in found.items() if key != "metadata" and value is not None))
+    _ended(found["status"])
+
+
+@jobs_app.command("logs")
+@_user_errors
+def jobs_logs(
+    job: JobId,
+    follow: Annotated[bool, typer.Option(help="Stream until the job ends; exit 1 if it failed or was stopped.")] = False,
+    address: JobServer = None,
+) -> None:
+    """A submitted job's logs (its driver's stdout and stderr).
+
+    Example: segpipe jobs logs segpipe-label-84c23cb89526fe1e --follow
+    """
+    from pipeline.jobs import submit as submission
+
+    if not follow:
+        typer.echo(submission.logs(job, address), nl=False)
+        return
+    _ended(submission.follow(submission.connect(address), job, lambda text: typer.echo(text, nl=False)))
+
+
+@jobs_app.command("stop")
+@_user_errors
+def jobs_stop(
+    job: JobId,
+    wait: Annotated[bool, typer.Option(help="Wait until it has stopped.")] = False,
+    address: JobServer = None,
+) -> None:
+    """Stop a submitted job; submitting its spec again resumes it.
+
+    What it committed stays.
+
+    Example: segpipe jobs stop segpipe-label-84c23cb89526fe1e --wait
+    """
+    from pipeline.jobs.submit import stop
+
+    found = stop(job, address, wait=wait)
+    typer.echo(f"{job}: {found['status']}" + (" (submit the spec again to resume)" if found["status"] == "STOPPED" else ""))
+
+
+@app.command(rich_help_panel=DATA)
 @_user_errors
 def demo(
     out: Annotated[str, typer.Option(help="Local folder for everything the demo writes; must be empty (or see --force).")] = "demo-out",
     force: Annotated[bool, typer.Option(help="Replace an earlier demo's output in OUT (only a folder holding its demo.json).")] = False,
     small: Annotated[bool, typer.Option(help="A quick run on a few small images (every step and file; the numbers mean little).")] = False,
 ) -> None:
-    """The whole pipeline on synthetic data: synthesise, validate, train, label, evaluate, one engine round, the report.
+    """Every stage on synthetic data, each timed, then a table of results (make demo).
 
-    Progress on stderr, then a table of each step's seconds, result and outputs. About 10 minutes on 2 busy cores.
+    Synthesise, validate, train, label, evaluate PQ and AP, one data-engine round, the report. Progress on
+    stderr, then a table of each step's seconds, result and outputs. About 10 minutes on 2 busy cores.
 
     Example: segpipe demo --out demo-out --force
     """
-    from rich.console import Console
-
     from pipeline import demo as demo_stage
 
     demo_stage.prepare(out, force)
-    summary = demo_stage.run(out, progress=lambda line: typer.echo(line, err=True),
-                             settings=demo_stage.SMALL if small else demo_stage.DemoSettings())
-    console = Console()
-    if not console.is_terminal:  # a file or a pipe: rows one line each, not wrapped at 80 columns
-        console.width = 200
-    console.print(demo_stage.table(summary))
+    with shown() as progress:
+        summary = demo_stage.run(out, progress, settings=demo_stage.SMALL if small else demo_stage.DemoSettings())
+    show_table(demo_stage.rows(summary), header=demo_stage.HEADER)
     for problem in summary.problems:
         typer.echo(f"segpipe: {problem}", err=True)
     if summary.problems:
@@ -665,4 +924,5 @@ def demo(
 
 
 def main() -> None:
+    quiet_native_logs()
     app()

@@ -13,12 +13,12 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.errors import SegpipeError
+from pipeline.progress import Progress, quiet
 
 MODEL = "segpipe_small"
 MARKER = "demo.json"
@@ -100,8 +100,7 @@ def prepare(out: str, force: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def run(out: str, progress: Callable[[str], None] = lambda line: None,
-        settings: DemoSettings = DemoSettings()) -> DemoSummary:
+def run(out: str, progress: Progress = quiet, settings: DemoSettings = DemoSettings()) -> DemoSummary:
     """Run every step into the (empty) folder OUT; OUT/demo.json gets the summary."""
     import ray
 
@@ -112,14 +111,14 @@ def run(out: str, progress: Callable[[str], None] = lambda line: None,
             ("label", _label), ("evaluate PQ", _evaluate_pq), ("evaluate AP", _evaluate_ap), ("engine round", _engine),
             ("stop Ray", _stop_ray), ("report", _report)]
     start = time.perf_counter()
-    # Stages' own prints (Ray forwards the training workers' lines to stdout) go to stderr with the progress:
-    # stdout keeps the closing table alone.
+    # Stages' own prints (with `segpipe --verbose`, Ray forwards the training workers' lines to stdout) go to stderr
+    # with the progress: stdout keeps the closing table alone.
     with redirect_stdout(sys.stderr):
         try:
             for number, (name, step) in enumerate(plan, 1):
                 progress(f"demo {number}/{len(plan)}: {name}")
                 step_start = time.perf_counter()
-                result, *outputs = step(root, settings, summary, lambda line: progress(f"  {line}"))
+                result, *outputs = step(root, settings, summary, _indented(progress))
                 seconds = time.perf_counter() - step_start
                 summary.steps.append(Step(name, round(seconds, 1), result, tuple(outputs)))
                 progress(f"  {name}: {result} ({seconds:.1f} s)")
@@ -130,24 +129,29 @@ def run(out: str, progress: Callable[[str], None] = lambda line: None,
     return summary
 
 
-def _start_ray(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _indented(progress: Progress) -> Progress:
+    """A step's own progress, indented under the demo's line for the step."""
+    return lambda what, done=None, total=None: progress(f"  {what}", done, total)
+
+
+def _start_ray(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     """A local Ray that train, label and the engine join (each would otherwise start and stop its own), with the
     settings training asks for."""
     from pipeline.cluster import connect
     from pipeline.train import RUNTIME_ENV
 
-    connect(None, log_to_driver=True, runtime_env=RUNTIME_ENV)
+    connect(None, runtime_env=RUNTIME_ENV)
     return ("local, shared by train, label and the engine round",)
 
 
-def _stop_ray(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _stop_ray(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     import ray
 
     ray.shutdown()
     return ("the report runs in this process",)
 
 
-def _synthesise(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _synthesise(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     from pipeline.synth import SynthConfig, write_dataset
 
     splits = (("train", settings.train, 0, settings.shard_size), ("val", settings.val, 1, None),
@@ -173,13 +177,13 @@ def _check(summary: DemoSummary, uri: str, images: str | None = None) -> str:
     return f"{len(report.problems)} problems" if report.problems else "valid"
 
 
-def _validate(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _validate(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     verdicts = [f"{kind} {_check(summary, str(root / 'annotations' / f'{kind}_val.json'), str(root / 'val'))}"
                 for kind in ("panoptic", "instances")]
     return ("val: " + ", ".join(verdicts),)
 
 
-def _train(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _train(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     from pipeline.train import TrainConfig
     from pipeline.train import run as train
 
@@ -192,7 +196,7 @@ def _train(root: Path, settings: DemoSettings, summary: DemoSummary, progress: C
             "model/metrics.json")
 
 
-def _label(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _label(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     from pipeline.infer import InferConfig
     from pipeline.infer import run as infer
     from pipeline.models import ModelSettings
@@ -208,7 +212,7 @@ def _label(root: Path, settings: DemoSettings, summary: DemoSummary, progress: C
             "labels-val/predictions/", "labels-val/panoptic_pred.json", "labels-val/instances_pred_results.json")
 
 
-def _evaluate_pq(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _evaluate_pq(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     from pipeline.evaluate.pq import evaluate_pq
     from pipeline.io.fs import write_json
 
@@ -220,7 +224,7 @@ def _evaluate_pq(root: Path, settings: DemoSettings, summary: DemoSummary, progr
             "labels-val/pq.json")
 
 
-def _evaluate_ap(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _evaluate_ap(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     from pipeline.evaluate.ap import evaluate_ap
     from pipeline.io.fs import write_json
 
@@ -231,12 +235,13 @@ def _evaluate_ap(root: Path, settings: DemoSettings, summary: DemoSummary, progr
     return f"mask AP {summary.ap:.4f} (AP50 {result['stats'][1]:.4f})", "labels-val/ap.json"
 
 
-def _engine(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _engine(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     import yaml
 
     from pipeline import engine
 
-    job = {"out": "engine", "model": MODEL, "start": "model/model.pt", "labeled": "annotations/panoptic_train.json",
+    job = {"kind": "engine", "out": "engine", "model": MODEL, "start": "model/model.pt",
+           "labeled": "annotations/panoptic_train.json",
            "unlabeled": "pool", "heldout": "annotations/panoptic_val.json", "rounds": 1,
            "filter": {"min_score": settings.min_score, "min_stability": settings.min_stability},
            "train": {"steps": settings.engine_steps, "batch_size": 8, "pseudo_ratio": 0.5}}
@@ -253,7 +258,7 @@ def _engine(root: Path, settings: DemoSettings, summary: DemoSummary, progress: 
             f"{after['filter']['candidates']} pseudo-labels", "engine.yaml", "engine/round-1/manifest.json")
 
 
-def _report(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Callable[[str], None]):
+def _report(root: Path, settings: DemoSettings, summary: DemoSummary, progress: Progress):
     from pipeline.report import ReportConfig
     from pipeline.report import run as report
 
@@ -264,14 +269,10 @@ def _report(root: Path, settings: DemoSettings, summary: DemoSummary, progress: 
             f"{len(done.data['errors']['candidates'])}", "report/report.html", "report/report.json")
 
 
-def table(summary: DemoSummary):
-    """The closing table (rich): step, seconds, the key result, the outputs (under OUT)."""
-    from rich.table import Table
+HEADER = ("step", "seconds", "result", "outputs (under OUT)")
 
-    grid = Table(title=f"segpipe demo: {summary.out}", title_justify="left")
-    for name, justify in (("step", "left"), ("seconds", "right"), ("result", "left"), ("outputs", "left")):
-        grid.add_column(name, justify=justify)
-    for step in summary.steps:
-        grid.add_row(step.name, f"{step.seconds:.1f}", step.result, "\n".join(step.outputs))
-    grid.add_row("total", f"{summary.seconds:.1f}", "", "demo.json", end_section=True)
-    return grid
+
+def rows(summary: DemoSummary) -> list[tuple[str, str, str, str]]:
+    """The closing table's rows: step, seconds, the key result, the outputs; then the total."""
+    return [*((step.name, f"{step.seconds:.1f}", step.result, ", ".join(step.outputs)) for step in summary.steps),
+            ("total", f"{summary.seconds:.1f}", f"OUT = {summary.out}", "demo.json")]

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from importlib import resources
-from pathlib import Path
 
 from pipeline.errors import SegpipeError
 from pipeline.io.fs import join, read_json, url_to_fs, write_json
 from pipeline.models.base import fingerprint
+from pipeline.progress import Progress, quiet
 
 STAGES = ("annotate", "filter", "review", "retrain", "evaluate", "promote")
 """A round's stages in order; `review` only in a job that has a review section."""
@@ -45,33 +43,14 @@ PATHS = ("out", "start", "labeled", "labeled_images", "unlabeled", "heldout", "h
 
 
 def load_job(path: str) -> dict:
-    """The job file, checked against schemas/engine-job.json (one line naming the first bad key), with the
-    defaults filled in and local relative paths made relative to the job file's folder."""
-    import jsonschema
-    import yaml
+    """The job file, checked against schemas/engine-job.json (one line naming the first bad key and its line), with
+    the defaults filled in and local relative paths made relative to the job file's folder."""
+    from pipeline.jobs import checked, resolve
 
-    from pipeline.io.fs import read_bytes
-
-    try:
-        job = yaml.safe_load(read_bytes(path))
-    except yaml.YAMLError as error:
-        raise SegpipeError(f"{path}: not YAML ({str(error).splitlines()[0]})") from None
-    schema = json.loads(resources.files("pipeline.schemas").joinpath("engine-job.json").read_text())
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(job), key=lambda e: list(e.absolute_path))
-    if errors:
-        error = errors[0]
-        where = ".".join(str(p) for p in error.absolute_path)
-        if error.validator == "additionalProperties":
-            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-            raise SegpipeError(f"{path}: unknown key {'.'.join(filter(None, [where, unknown[0]]))!r}; known: "
-                               f"{', '.join(error.schema.get('properties', {}))}")
-        raise SegpipeError(f"{path}: {where or 'the job'}: {error.message}")
-    base = Path(path).parent if "://" not in path else None
-    def resolved(uri: str) -> str:
-        return str((base / uri).resolve()) if base is not None and "://" not in uri and not Path(uri).is_absolute() else uri
-    job = {**job, **{key: resolved(job[key]) for key in PATHS if key in job}}
+    job = checked(path, "engine-job")
+    job = {**job, **{key: resolve(job[key], path) for key in PATHS if key in job}}
     if job.get("proposals", {}).get("weights"):
-        job["proposals"] = {**job["proposals"], "weights": resolved(job["proposals"]["weights"])}
+        job["proposals"] = {**job["proposals"], "weights": resolve(job["proposals"]["weights"], path)}
     return {**job, **{section: {**values, **job.get(section, {})} for section, values in DEFAULTS.items()},
             **{section: {**values, **job[section]} for section, values in OPTIONAL.items() if section in job}}
 
@@ -118,7 +97,7 @@ def check_job(job: dict) -> None:
         read_audit(job["audit"])
 
 
-def run(job: dict, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
+def run(job: dict, progress: Progress = quiet) -> list[dict]:
     """All of the job's rounds (resuming what OUT holds); returns the manifests, round 0 first."""
     out = job["out"].rstrip("/")
     _claim(out, job)
@@ -156,18 +135,18 @@ def _claim(out: str, job: dict) -> None:
     write_json(uri, job)
 
 
-def _baseline(job: dict, out: str, progress: Callable[[str], None]) -> dict:
+def _baseline(job: dict, out: str, progress: Progress) -> dict:
     uri = join(out, "round-0", "manifest.json")
     if url_to_fs(uri)[0].exists(url_to_fs(uri)[1]):
         return read_json(uri)
-    progress("round 0: the starting model on the held-out set")
+    progress("round 0: the starting model on the held-out set", 0, _steps(job))
     heldout = _heldout(job, job["start"], join(out, "round-0", "heldout"))
     manifest = {"round": 0, "model": job["start"], "heldout": heldout, "promoted": True, "current": job["start"]}
     write_json(uri, manifest)
     return manifest
 
 
-def _round(job: dict, out: str, number: int, previous: dict, progress: Callable[[str], None]) -> dict:
+def _round(job: dict, out: str, number: int, previous: dict, progress: Progress) -> dict:
     folder = join(out, f"round-{number}")
     uri = join(folder, "manifest.json")
     fs, path = url_to_fs(uri)
@@ -176,7 +155,7 @@ def _round(job: dict, out: str, number: int, previous: dict, progress: Callable[
                                                        else previous["bar"], "stages": {}}
     current = manifest["model_in"]
     manifest.pop("waiting", None)
-    for stage in stages(job):
+    for index, stage in enumerate(stages(job)):
         if manifest["stages"].get(stage, {}).get("state") == "done":
             continue
         if (stage == "retrain" and job.get("review", {}).get("wait") and manifest["review_export"]["images"]
@@ -186,7 +165,7 @@ def _round(job: dict, out: str, number: int, previous: dict, progress: Callable[
             manifest["waiting"] = True
             _save(uri, manifest)
             return manifest
-        progress(f"round {number}: {stage}")
+        progress(f"round {number}: {stage}", 1 + (number - 1) * len(stages(job)) + index, _steps(job))
         start = time.perf_counter()
         manifest.update(_STAGE[stage](job, folder, current, manifest))
         manifest["stages"][stage] = {"state": "done", "seconds": round(time.perf_counter() - start, 1)}
@@ -200,6 +179,11 @@ def _save(uri: str, manifest: dict) -> None:
     if fs.exists(path) and "reviewed" in (on_disk := read_json(uri)):
         manifest["reviewed"] = on_disk["reviewed"]
     write_json(uri, manifest)
+
+
+def _steps(job: dict) -> int:
+    """The job's steps for a progress bar: round 0's evaluation, then every round's stages."""
+    return 1 + job["rounds"] * len(stages(job))
 
 
 def stages(job: dict) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ import os
 import pickle
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -26,13 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cluster import connect
-from pipeline.errors import SegpipeError
+from pipeline.errors import SegpipeError, WorkFailed
 from pipeline.io.decode import ImageDecodeError, decode_image
 from pipeline.io.fs import absolute, join, read_json, url_to_fs, write_bytes, write_json
 from pipeline.io.shards import Shard, list_shards, read_shard
 from pipeline.io.tables import read_predictions, write_predictions
 from pipeline.models import PROPOSALS, ModelSettings, check_model_name, describe, family  # noqa: F401 (ModelSettings: for callers)
 from pipeline.models.outputs import PanopticPostprocess, Postprocess
+from pipeline.progress import Progress, quiet
 from pipeline.signals import flip_agreement
 from pipeline.structures import ImagePrediction, encode_panoptic_png
 
@@ -69,6 +70,8 @@ class InferConfig:
     flip_check: bool = False
     """Also label each image mirrored, for every segment's flip agreement (pipeline.signals); twice the model time."""
     address: str | None = None
+    shards: tuple[Shard, ...] | None = None
+    """Label exactly these shards of `input` instead of all it holds (a scheduled tick's batch)."""
 
 
 @dataclass
@@ -369,7 +372,7 @@ def _image_info(uri: str | None) -> dict | None:
             for im in images}
 
 
-def run(config: InferConfig, progress: Callable[[str], None] = lambda line: None) -> Summary:
+def run(config: InferConfig, progress: Progress = quiet) -> Summary:
     """Label every image under `config.input`; resumes a run that `config.out` already holds."""
     if config.batch_size < 1 or config.actors < 1 or config.gpus_per_actor < 0:
         raise SegpipeError("--batch-size and --actors must be at least 1, --gpus-per-actor at least 0")
@@ -382,7 +385,7 @@ def run(config: InferConfig, progress: Callable[[str], None] = lambda line: None
         del model
     else:
         categories, panoptic = describe(config.model, config.settings)
-    shards = list_shards(config.input, config.files_per_shard)
+    shards = list(config.shards) if config.shards is not None else list_shards(config.input, config.files_per_shard)
     layout = _Layout(config.out, config.name)
     _start_or_resume(layout, _identity(config, shards))
     fs, _ = url_to_fs(layout.out)
@@ -405,7 +408,7 @@ def run(config: InferConfig, progress: Callable[[str], None] = lambda line: None
 
 
 def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _Layout, panoptic: bool,
-           summary: Summary, progress: Callable[[str], None]) -> None:
+           summary: Summary, progress: Progress) -> None:
     import logging
 
     import ray
@@ -450,7 +453,7 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
         try:
             _collect(rows, config, shards, layout, panoptic, summary, progress, len(todo))
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
-            raise SegpipeError(_ray_failure(error)) from None
+            raise _ray_failure(error) from None
         finally:
             for name, value in saved.items():
                 setattr(context, name, value)
@@ -461,21 +464,22 @@ def _label(config: InferConfig, shards: list[Shard], todo: list[int], layout: _L
             summary.ray_s += time.perf_counter() - stop_start
 
 
-def _ray_failure(error: Exception) -> str:
-    """One line for a failure inside Ray: a SegpipeError raised in a worker keeps its own message."""
+def _ray_failure(error: Exception) -> SegpipeError:
+    """One line for a failure inside Ray: a SegpipeError raised in a worker keeps its own message; a crash is
+    WorkFailed (exit 1), not bad input."""
     text = str(error)
     for line in text.splitlines():
         if "SegpipeError: " in line:
-            return line.split("SegpipeError: ", 1)[1].strip()
+            return SegpipeError(line.split("SegpipeError: ", 1)[1].strip())
     if isinstance(error, TimeoutError) or "Timed out while starting actors" in text:
-        return (f"the model actors did not start within {ACTOR_START_TIMEOUT_S} s; the cluster may lack the "
-                "CPUs, GPUs or memory they ask for")
+        return SegpipeError(f"the model actors did not start within {ACTOR_START_TIMEOUT_S} s; the cluster may lack "
+                            "the CPUs, GPUs or memory they ask for")
     last = [line for line in text.splitlines() if line.strip()][-1:] or [type(error).__name__]
-    return f"inference failed on the cluster: {last[0].strip()}"
+    return WorkFailed(f"inference failed on the cluster: {last[0].strip()}")
 
 
 def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], layout: _Layout, panoptic: bool,
-             summary: Summary, progress: Callable[[str], None], total: int) -> None:
+             summary: Summary, progress: Progress, total: int) -> None:
     """Gather each shard's rows; commit a shard as soon as all of them are in."""
     run_id = read_json(layout.run)["run_id"]
     pending: dict[int, dict[int, dict]] = {}
@@ -483,6 +487,7 @@ def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], lay
     actors: dict[int, dict] = {}
     committed, last_report, start = 0, time.perf_counter(), time.perf_counter()
     first_commit: tuple[float, int] | None = None
+    progress(f"shards 0/{total}", 0, total)
     for row in rows:
         index, chunk = int(row["shard"]), pickle.loads(row["payload"])
         pending.setdefault(index, {})[int(row["chunk"])] = chunk
@@ -507,11 +512,11 @@ def _collect(rows: Iterator[dict], config: InferConfig, shards: list[Shard], lay
                 first_commit = (now, summary.images)
             elif now > first_commit[0]:
                 summary.steady_images_per_s = (summary.images - first_commit[1]) / (now - first_commit[0])
-            if time.perf_counter() - last_report > 5 or committed == total:
-                last_report = time.perf_counter()
-                rate = summary.images / (last_report - start)
+            if now - last_report > 5 or committed == total:  # a line every 5 s in a log
+                last_report = now
+                rate = summary.images / (now - start)
                 progress(f"shards {committed}/{total}, {summary.images} images ({rate:.1f}/s), "
-                         f"{summary.failed} failed")
+                         f"{summary.failed} failed", committed, total)
     if pending:
         raise RuntimeError(f"shards {sorted(pending)} ended incomplete")  # a bug, not a user error
     summary.actors = sorted(actors.values(), key=lambda a: a["pid"])

@@ -64,7 +64,7 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def kill_session():
     """SIGKILL every live process of a session: the driver, Ray's GCS and raylet, and Ray's workers, which
     make process groups of their own (so killpg on the driver's group would leave them running)."""

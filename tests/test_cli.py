@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
-COMMANDS = [["synth"], ["validate"], ["convert"], ["infer"], ["filter"], ["classify"], ["train"], ["engine", "run"], ["engine", "review"], ["engine", "status"], ["review", "export"], ["review", "import"], ["eval", "pq"], ["eval", "ap"], ["eval", "miou"], ["bench", "eval"], ["bench", "infer"], ["report"], ["bench", "report"], ["demo"]]
+COMMANDS = [["synth"], ["validate"], ["convert"], ["infer"], ["filter"], ["classify"], ["train"], ["engine", "run"], ["engine", "review"], ["engine", "status"], ["review", "export"], ["review", "import"], ["eval", "pq"], ["eval", "ap"], ["eval", "miou"], ["bench", "eval"], ["bench", "infer"], ["report"], ["bench", "report"], ["run"], ["submit"], ["jobs", "list"], ["jobs", "status"], ["jobs", "logs"], ["jobs", "stop"], ["schedule"], ["demo"]]
 
 
 def _leaves(command, path=()):
@@ -50,3 +50,67 @@ def test_infer_input_errors_are_one_line_with_exit_2(tmp_path):
         result = runner.invoke(app, ["infer", *arguments, *common])
         assert result.exit_code == 2 and message in result.output.strip().splitlines()[-1], result.output
         assert "Traceback" not in result.output
+
+
+def test_help_lists_the_verbs_in_groups_one_line_each_and_the_exit_codes():
+    """At 100 columns: the groups in order, every command and sub-app in one of them on one line of its own, and
+    the exit codes under them; the same for every sub-app's commands."""
+    import typer.main
+
+    from pipeline import cli
+
+    root = typer.main.get_command(app)
+    panels = [cli.DATA, cli.LABELING, cli.TRAINING, cli.EVALUATION, cli.JOBS, cli.BENCHMARKS]
+    assert all(command.rich_help_panel in panels for command in root.commands.values())  # none in "Commands"
+    runner = CliRunner(env={"COLUMNS": "100"})
+    for path, group in [((), root)] + [((name,), sub) for name, sub in root.commands.items() if hasattr(sub, "commands")]:
+        shown = runner.invoke(app, [*path, "--help"]).stdout
+        rows = [line.strip("│ ") for line in shown.splitlines()]
+        for name, command in group.commands.items():
+            summary = " ".join(command.help.split("\n\n")[0].split())
+            assert f"{name} {summary}" in [" ".join(row.split()) for row in rows], (path, name, summary)
+    top = runner.invoke(app, ["--help"]).stdout
+    used = [panel for panel in panels if f"─ {panel} ─" in top]
+    assert used == sorted(used, key=top.index) and len(used) >= 5
+    assert ("Exit codes: 0 done; 1 the work ran and found problems or failures (listed); 2 bad usage or input "
+            "(one line on stderr).") in " ".join(top.split())
+
+
+def test_every_command_has_a_runnable_looking_example():
+    """Every leaf of the click tree (the commands other modules add too) shows `Example: segpipe <its own path> ...`."""
+    import typer.main
+
+    for path, command in _leaves(typer.main.get_command(app)):
+        assert f"Example: segpipe {' '.join(path)} " in " ".join(command.help.split()), path
+        shown = CliRunner().invoke(app, [*path, "--help"]).stdout
+        assert f"Example: segpipe {' '.join(path)} " in " ".join(shown.replace("│", " ").split()), path
+
+
+
+def test_work_that_failed_where_it_ran_is_one_line_and_exit_1_bad_input_exit_2():
+    """A crash on the cluster (not the user's input) is exit 1, a user error exit 2; both one line, no traceback.
+    The crash text is what Ray gives for a worker that died (infer's and train's one-line recovery of it)."""
+    import typer
+
+    from pipeline.cli import _user_errors
+    from pipeline.errors import SegpipeError, WorkFailed
+    from pipeline.infer import _ray_failure
+    from pipeline.train import _worker_error
+
+    crash = RuntimeError("ray.exceptions.ActorDiedError: The actor died unexpectedly\n  worker exit code 137\n")
+    user = RuntimeError("Traceback (most recent call last):\npipeline.errors.SegpipeError: a.jpg: truncated\n")
+    assert type(_ray_failure(crash)) is WorkFailed and str(_ray_failure(crash)).endswith("worker exit code 137")
+    assert type(_worker_error(crash)) is WorkFailed and str(_worker_error(crash)).startswith("training failed: ")
+    assert [type(f(user)) for f in (_ray_failure, _worker_error)] == [SegpipeError, SegpipeError]
+    assert str(_ray_failure(user)) == str(_worker_error(user)) == "a.jpg: truncated"
+
+    for error, code in ((_ray_failure(crash), 1), (_ray_failure(user), 2)):
+        tiny = typer.Typer()
+
+        @tiny.command()
+        @_user_errors
+        def fail() -> None:
+            raise error
+
+        result = CliRunner().invoke(tiny, [])
+        assert result.exit_code == code and result.stderr == f"segpipe: error: {error}\n", result.output

@@ -18,6 +18,7 @@ from pipeline.evaluate import check_integer_ids, refuse_strays
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import read_json
 from pipeline.io.tables import is_dataset_table, open_dataset_table, parquet_files, read_columns, read_rows
+from pipeline.progress import Progress, per_shard, quiet
 
 # COCOeval's parameters for segm and bbox, built the way pycocotools builds them (the same floats).
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -487,7 +488,8 @@ class _Shard:
 
 @without_cyclic_gc
 def evaluate_ap(gt: str, pred: str, iou_type: str = "segm", workers: int = 1, address: str | None = None,
-                shard_size: int = 500, drop_unknown_categories: bool = False, threads: int | None = None) -> dict:
+                shard_size: int = 500, drop_unknown_categories: bool = False, threads: int | None = None,
+                progress: Progress = quiet) -> dict:
     """COCO AP of detections against ground truth, with pycocotools' numbers.
 
     Ground truth: a COCO instances JSON or an instances dataset table (`segpipe convert`); detections: a
@@ -514,7 +516,8 @@ def evaluate_ap(gt: str, pred: str, iou_type: str = "segm", workers: int = 1, ad
                              None if results is None else tuple(r for i in ids for r in by_image_results.get(i, ())),
                              gt_table, tuple(pred_files), box_branch, category_index, iou_type))
     total = Statistics.zeros(len(category_ids))
-    for stats in map_shards(_evaluate_shard, shards, workers, address, threads):
+    for stats in map_shards(_evaluate_shard, shards, workers, address, threads,
+                            progress=per_shard(progress, len(shards))):
         total += stats
     precision, recall = accumulate(total, len(category_ids))
     summary = summarize(precision, recall)

@@ -14,6 +14,7 @@ from pipeline.errors import SegpipeError
 from pipeline.evaluate.match import Overlaps
 from pipeline.evaluate.runner import map_shards
 from pipeline.io.tables import is_dataset_table
+from pipeline.progress import Progress, per_shard, quiet
 
 
 @dataclass
@@ -232,7 +233,8 @@ def _png_names(folder: str) -> set[str]:
 
 def evaluate_miou(gt: str, pred: str, classes: int | str | Sequence[str] | None = None, ignore_index: int = 255,
                   gt_dir: str | None = None, pred_dir: str | None = None, workers: int = 1,
-                  address: str | None = None, shard_size: int = 50, threads: int | None = None) -> dict:
+                  address: str | None = None, shard_size: int = 50, threads: int | None = None,
+                  progress: Progress = quiet) -> dict:
     """mIoU and friends of semantic label PNG folders, or of COCO panoptic ground truth (a JSON + PNGs or a
     dataset table) against any prediction `segpipe eval pq` reads: its semantic view, from the same overlaps.
 
@@ -245,7 +247,8 @@ def evaluate_miou(gt: str, pred: str, classes: int | str | Sequence[str] | None 
             raise SegpipeError("--classes: a COCO panoptic ground truth brings its own categories; leave it out")
         from pipeline.evaluate.pq import evaluate_pq  # pq reports this view; imported here, as pq imports miou
 
-        return evaluate_pq(gt, pred, gt_dir, pred_dir, workers, address, shard_size, threads=threads)["semantic"]
+        return evaluate_pq(gt, pred, gt_dir, pred_dir, workers, address, shard_size, threads=threads,
+                           progress=progress)["semantic"]
     if classes is None:
         raise SegpipeError("--classes: give the class list (a JSON file) or the number of classes")
     names = load_classes(classes)
@@ -260,6 +263,7 @@ def evaluate_miou(gt: str, pred: str, classes: int | str | Sequence[str] | None 
     shards = [_Shard(tuple(gt_names[i:i + shard_size]), gt, pred, len(names), ignore_index)
               for i in range(0, len(gt_names), shard_size)]
     total = ConfusionStats.zeros(len(names))
-    for stats in map_shards(_evaluate_shard, shards, workers, address, threads):
+    for stats in map_shards(_evaluate_shard, shards, workers, address, threads,
+                            progress=per_shard(progress, len(shards))):
         total += stats
     return summarize(total, names)

@@ -18,6 +18,7 @@ from pipeline.evaluate.miou import ConfusionStats, confusion_from_overlaps
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import join, read_json, url_to_fs
 from pipeline.io.tables import is_dataset_table, open_dataset_table, parquet_files, read_columns, read_rows
+from pipeline.progress import Progress, per_shard, quiet
 from pipeline.structures import MAX_SEGMENT_ID, panoptic_words
 from pipeline.validate import default_folder
 
@@ -354,7 +355,7 @@ class _Shard:
 @without_cyclic_gc
 def evaluate_pq(gt: str, pred: str, gt_dir: str | None = None, pred_dir: str | None = None, workers: int = 1,
                 address: str | None = None, shard_size: int = 500, drop_unknown_categories: bool = False,
-                threads: int | None = None) -> dict:
+                threads: int | None = None, progress: Progress = quiet) -> dict:
     """PQ of predictions against ground truth, each a COCO panoptic JSON (+ PNG folder) or a segpipe table.
 
     Ground truth: a COCO panoptic JSON or a panoptic dataset table (`segpipe convert`). Predictions: a COCO
@@ -373,7 +374,8 @@ def evaluate_pq(gt: str, pred: str, gt_dir: str | None = None, pred_dir: str | N
                      drop_unknown_categories)
               for i in range(0, len(image_ids), shard_size)]
     total = PQStats.zeros(len(categories))
-    for stats in map_shards(_evaluate_shard, shards, workers, address, threads):
+    for stats in map_shards(_evaluate_shard, shards, workers, address, threads,
+                            progress=per_shard(progress, len(shards))):
         total += stats
     return {**summarize(total, categories), "dropped_segments": dropped}
 

@@ -95,12 +95,9 @@ def _ray_map(fn: Callable[[T], R], shards: Sequence[T], address: str,
              progress: Callable[[int], None] | None = None, fold: Callable[[R, R], R] | None = None) -> list[R]:
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, ValueError, RuntimeError) as error:
-            raise SegpipeError(f"cannot reach a Ray cluster at {address}: {error}") from None
+    from pipeline.cluster import connect
+
+    started = connect(address)
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(fn)
         try:

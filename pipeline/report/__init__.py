@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.errors import SegpipeError
 from pipeline.evaluate.runner import map_shards, without_cyclic_gc
 from pipeline.io.fs import join, write_bytes, write_json
+from pipeline.progress import Progress, quiet
 from pipeline.report import compare, contents, errors, health, thumbnails
 from pipeline.report.sources import Image, Predictions, Side, Truth, open_predictions, open_truth, read_side
 from pipeline.structures import ImagePrediction
@@ -115,7 +116,7 @@ def _health_merge(parts: list, context: Context, started: tuple[dict, list]) -> 
     return health.merge(checks or nothing, [*parts, *others])
 
 
-def _other_splits(uris: tuple[str, ...], config: ReportConfig, progress: Callable[[str], None]) -> list:
+def _other_splits(uris: tuple[str, ...], config: ReportConfig, progress: Progress) -> list:
     """The health parts of other splits' images (their files read, their pixels hashed): what leakage compares."""
     parts = []
     for uri in uris:
@@ -169,7 +170,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
-def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: None) -> Report:
+def run(config: ReportConfig, progress: Progress = quiet) -> Report:
     """Read, shard, compute every section, merge, and write `OUT/report.json` and `OUT/report.html`."""
     from pipeline.report import html
 
@@ -194,7 +195,7 @@ def run(config: ReportConfig, progress: Callable[[str], None] = lambda line: Non
 
     def done(count: int) -> None:
         images = min(count * config.shard_size, total)
-        progress(f"shard {count}/{len(shards)} done ({images:,}/{total:,} images)")
+        progress(f"shard {count}/{len(shards)} done ({images:,}/{total:,} images)", count, len(shards))
 
     parts = map_shards(_run_shard, shards, config.workers, config.address, progress=done, fold=_fold)
     if "health" in started:

@@ -6,25 +6,29 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import SegpipeError
+from pipeline.errors import SegpipeError, WorkFailed
 from pipeline.fusion import FusionConfig
 from pipeline.io.fs import absolute, join, read_json, url_to_fs, write_bytes, write_json
 from pipeline.models import PANOPTIC, check_model_name, family
 from pipeline.models.base import ModelSettings
+from pipeline.progress import Progress, quiet
 from pipeline.train.data import check_categories, check_images, load_dataset
 from pipeline.train.worker import MODEL_FILE, Plan
 
 FORMAT_VERSION = 1
 RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
                "worker_process_setup_hook": "pipeline.train.worker.quiet_logs"}
-"""What training asks of the Ray it starts (a Ray started for it beforehand needs the same): rank 0's progress
-lines reach this terminal once each (Ray Train's print patch off), the workers' log noise silenced."""
+"""What training asks of the Ray it starts (a Ray started for it beforehand needs the same): Ray Train's print
+patch off (with `segpipe --verbose`, workers' output reaches this terminal as printed), the workers' log noise
+silenced."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class TrainResult:
     history: list[dict]
 
 
-def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None) -> TrainResult:
+def run(config: TrainConfig, progress: Progress = quiet) -> TrainResult:
     """Train `config.model` on `config.train`, validating on `config.val`; OUT gets checkpoints/, model.pt,
     train.json (what the run is) and metrics.json (validation after each checkpoint)."""
     from pipeline.models import load_model
@@ -159,7 +163,7 @@ def run(config: TrainConfig, progress: Callable[[str], None] = lambda line: None
              + (f" ({plan.pseudo_ratio:g} of each batch)" if pseudo and plan.pseudo_ratio is not None else "")
              + f"; validating on {len(val.examples)} every "
              f"{plan.checkpoint_every} steps")
-    _fit(config, plan, out, identity if new_run else None)
+    _fit(config, plan, out, identity if new_run else None, progress)
     history = read_json(join(out, "metrics.json"))["history"]
     return TrainResult(model=join(out, MODEL_FILE), steps=steps, history=history)
 
@@ -180,9 +184,9 @@ def _check_out(out: str, identity: dict, resume: bool) -> bool:
     return True
 
 
-def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> None:
+def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None, progress: Progress) -> None:
     """Run the TorchTrainer (a new run writes `identity` to train.json first); OUT gets the last
-    checkpoint's model.pt and the validation history."""
+    checkpoint's model.pt and the validation history. Rank 0's progress reaches `progress` through a queue."""
     import io
 
     import ray
@@ -190,10 +194,11 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> No
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
 
     from pipeline.cluster import connect
 
-    started = connect(config.address, log_to_driver=True, runtime_env=RUNTIME_ENV)
+    started = connect(config.address, runtime_env=RUNTIME_ENV)
     try:
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -205,7 +210,8 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> No
             raise SegpipeError(f"--workers {config.workers} do not fit on {cpus:g} CPUs (each needs 1)")
         if identity is not None:  # after every check: a refused run leaves OUT untouched
             write_json(join(out, "train.json"), identity)
-        plan = replace(plan, threads=per_worker, settings=replace(
+        updates = Queue(actor_options={"num_cpus": 0})  # beside the workers, taking none of their CPUs
+        plan = replace(plan, updates=updates, threads=per_worker, settings=replace(
             plan.settings, device="cuda" if config.gpus_per_worker > 0 else "cpu"))
         fs, path = url_to_fs(out)
         storage = ({"storage_path": os.path.abspath(path)} if isinstance(fs, LocalFileSystem)
@@ -220,9 +226,10 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> No
                                  failure_config=FailureConfig(max_failures=0),
                                  logging_config=LoggingConfig(log_level="WARNING")))
         try:
-            result = trainer.fit()
+            with _relayed(updates, progress):
+                result = trainer.fit()
         except ray.train.TrainingFailedError as error:
-            raise SegpipeError(_worker_error(error)) from None
+            raise _worker_error(error) from None
         if result.checkpoint is None:
             raise SegpipeError(f"{out}: training ended without a checkpoint")
         with result.checkpoint.as_directory() as folder:
@@ -236,24 +243,49 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None) -> No
             ray.shutdown()
 
 
+@contextmanager
+def _relayed(updates, progress: Progress) -> Iterator[None]:
+    """Pass the (what, done, total) reports the workers put on `updates` to `progress` while the block runs."""
+    from ray.util.queue import Empty
+
+    stop = threading.Event()
+
+    def relay() -> None:
+        while True:
+            try:
+                progress(*updates.get(timeout=0.5))
+            except Empty:
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=relay, name="segpipe-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _loop(config: dict) -> None:
     from pipeline.train.worker import train_loop
 
     train_loop(config["plan"])
 
 
-def _worker_error(error: Exception) -> str:
-    """One line for a failed run: a worker's SegpipeError as it is, anything else by type and message."""
+def _worker_error(error: Exception) -> SegpipeError:
+    """One line for a failed run: a worker's SegpipeError as it is, anything else (a crash: WorkFailed, exit 1)
+    by type and message."""
     failures = getattr(error, "worker_failures", None) or {}
     for failure in failures.values():
         seen = failure
         while seen is not None:
             if isinstance(seen, SegpipeError):
-                return str(seen)
+                return SegpipeError(str(seen))
             seen = getattr(seen, "cause", None) or seen.__cause__
     first = next(iter(failures.values()), error)
     for line in str(first).splitlines():
         if "SegpipeError: " in line:
-            return line.split("SegpipeError: ", 1)[1].strip()
+            return SegpipeError(line.split("SegpipeError: ", 1)[1].strip())
     lines = [line for line in str(first).strip().splitlines() if line.strip()]
-    return f"training failed: {lines[-1] if lines else type(first).__name__}"
+    return WorkFailed(f"training failed: {lines[-1] if lines else type(first).__name__}")

@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,8 @@ class Plan:
     """Pseudo-label sources (`segpipe infer` / `segpipe filter` outputs), trained on beside `train`."""
     pseudo_ratio: float | None = None
     """The share of every batch drawn from `pseudo` (its own stream); None: one stream over all examples."""
+    updates: Any = None
+    """A `ray.util.queue.Queue` the driver reads rank 0's progress from; None: rank 0 prints it (Ray's logs)."""
 
 
 def sources(plan: Plan) -> tuple[Dataset, ...]:
@@ -138,7 +141,7 @@ def train_loop(plan: Plan) -> None:
     optimizer = objective.optimizer(parameters, plan.learning_rate)
     step, history = _restore(adapter, optimizer)
     if rank == 0 and step:
-        print(f"resumed at step {step} of {plan.steps}", flush=True)
+        _say(plan, f"resumed at step {step} of {plan.steps}", step)
     started, logged = time.perf_counter(), step
     while step < plan.steps:
         for group in optimizer.param_groups:
@@ -155,17 +158,25 @@ def train_loop(plan: Plan) -> None:
         if rank == 0 and (step % plan.log_every == 0 or step == plan.steps):
             rate = (time.perf_counter() - started) / (step - logged)
             started, logged = time.perf_counter(), step
-            print(f"step {step}/{plan.steps} loss {loss.item():.3f} ("
-                  + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f") {rate:.2f} s/step", flush=True)
+            _say(plan, f"step {step}/{plan.steps} loss {loss.item():.3f} ("
+                 + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f") {rate:.2f} s/step", step)
         if step % plan.checkpoint_every == 0 or step == plan.steps:
             metrics = {"step": step, "loss": float(loss.item()),
                        **validate(adapter, plan.val, val_examples, val_encoded, rank, world)}
             history.append(metrics)
             if rank == 0:
-                print("validation at step {step}: PQ {pq} AP {ap}".format(
-                    step=step, pq=_figure(metrics.get("pq")), ap=_figure(metrics.get("ap"))), flush=True)
+                _say(plan, "validation at step {step}: PQ {pq} AP {ap}".format(
+                    step=step, pq=_figure(metrics.get("pq")), ap=_figure(metrics.get("ap"))))
             _report(adapter, optimizer, plan, step, history, metrics, rank)
             objective.train_mode()
+
+
+def _say(plan: Plan, what: str, step: int | None = None) -> None:
+    """Rank 0's progress: to the driver (a report with the step moves its bar), else to this worker's log."""
+    if plan.updates is None:
+        print(what, flush=True)
+    else:
+        plan.updates.put((what, step, None if step is None else plan.steps))
 
 
 def _restore(adapter, optimizer) -> tuple[int, list[dict]]:
