@@ -121,7 +121,7 @@ def run(out: str, progress: Progress = quiet, settings: DemoSettings = DemoSetti
                 result, *outputs = step(root, settings, summary, _indented(progress))
                 seconds = time.perf_counter() - step_start
                 summary.steps.append(Step(name, round(seconds, 1), result, tuple(outputs)))
-                progress(f"  {name}: {result} ({seconds:.1f} s)")
+                progress(f"  {name} done in {seconds:.1f} s: {result}")
         finally:
             ray.shutdown()
     summary.seconds = time.perf_counter() - start
