@@ -40,7 +40,7 @@ $(CHROMIUM):
 
 # The main job end to end (`segpipe demo`): synthesise, validate, train the built-in model briefly on Ray Train, label
 # the validation split with it, evaluate PQ and AP, one data-engine round, the report; a table of each step's
-# seconds, result and outputs at the end. 9.5-10 minutes on 2 cores shared with other work (README: Start here).
+# seconds, result and outputs at the end. 3.5 minutes on 2 cores, 10 beside other work (README: Start here).
 demo: $(STAMP)
 	$(BIN)/segpipe demo --out $(DEMO) --force
 

@@ -907,7 +907,7 @@ def demo(
     """Every stage on synthetic data, each timed, then a table of results (make demo).
 
     Synthesise, validate, train, label, evaluate PQ and AP, one data-engine round, the report. Progress on
-    stderr, then a table of each step's seconds, result and outputs. About 10 minutes on 2 busy cores.
+    stderr, then a table of each step's seconds, result and outputs. About 4 minutes on 2 idle cores.
 
     Example: segpipe demo --out demo-out --force
     """
