@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
-COMMANDS = [["synth"], ["validate"], ["convert"], ["infer"], ["filter"], ["classify"], ["train"], ["engine", "run"], ["engine", "review"], ["engine", "status"], ["review", "export"], ["review", "import"], ["eval", "pq"], ["eval", "ap"], ["eval", "miou"], ["bench", "eval"], ["bench", "infer"], ["report"], ["bench", "report"], ["run"], ["submit"], ["jobs", "list"], ["jobs", "status"], ["jobs", "logs"], ["jobs", "stop"], ["schedule"]]
+COMMANDS = [["synth"], ["validate"], ["convert"], ["infer"], ["filter"], ["classify"], ["train"], ["engine", "run"], ["engine", "review"], ["engine", "status"], ["review", "export"], ["review", "import"], ["eval", "pq"], ["eval", "ap"], ["eval", "miou"], ["bench", "eval"], ["bench", "infer"], ["report"], ["bench", "report"], ["run"], ["submit"], ["jobs", "list"], ["jobs", "status"], ["jobs", "logs"], ["jobs", "stop"], ["schedule"], ["demo"]]
 
 
 def _leaves(command, path=()):

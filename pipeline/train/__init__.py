@@ -24,6 +24,11 @@ from pipeline.train.data import check_categories, check_images, load_dataset
 from pipeline.train.worker import MODEL_FILE, Plan
 
 FORMAT_VERSION = 1
+RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+               "worker_process_setup_hook": "pipeline.train.worker.quiet_logs"}
+"""What training asks of the Ray it starts (a Ray started for it beforehand needs the same): Ray Train's print
+patch off (with `segpipe --verbose`, workers' output reaches this terminal as printed), the workers' log noise
+silenced."""
 
 
 @dataclass(frozen=True)
@@ -193,10 +198,7 @@ def _fit(config: TrainConfig, plan: Plan, out: str, identity: dict | None, progr
 
     from pipeline.cluster import connect
 
-    # Ray Train's print patch off: with `segpipe --verbose`, workers' output reaches this terminal as printed.
-    started = connect(config.address, runtime_env={
-        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
-        "worker_process_setup_hook": "pipeline.train.worker.quiet_logs"})
+    started = connect(config.address, runtime_env=RUNTIME_ENV)
     try:
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
