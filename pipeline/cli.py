@@ -923,6 +923,23 @@ def demo(
         raise typer.Exit(1)
 
 
+UsageError = typer.BadParameter.__mro__[1]
+"""click's UsageError as typer bundles it (typer names no public alias): a missing option, an unknown command."""
+
+
 def main() -> None:
+    """The `segpipe` command: usage errors are one line and exit 2 like every other bad input; Ctrl-C exits 130."""
+    import sys
+
     quiet_native_logs()
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as error:
+        if error.format_message():  # else no arguments at all: the help was shown
+            where = error.ctx.command_path.replace(error.ctx.find_root().info_name or "", "segpipe", 1) if error.ctx else "segpipe"
+            typer.echo(f"segpipe: error: {error.format_message()} (see '{where} --help')", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("segpipe: stopped", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

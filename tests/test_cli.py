@@ -114,3 +114,17 @@ def test_work_that_failed_where_it_ran_is_one_line_and_exit_1_bad_input_exit_2()
 
         result = CliRunner().invoke(tiny, [])
         assert result.exit_code == code and result.stderr == f"segpipe: error: {error}\n", result.output
+
+
+def test_usage_errors_are_one_line_and_exit_2_through_the_command():
+    """The real entry point (not CliRunner): click's boxed usage errors become segpipe's one line."""
+    import subprocess
+    import sys
+
+    for args, message in ((["infer", "--model", "segpipe_small"], "segpipe: error: Missing option '--input'. "
+                                                                  "(see 'segpipe infer --help')"),
+                          (["evaluate"], "segpipe: error: No such command 'evaluate'. Did you mean 'validate', 'eval'? (see 'segpipe --help')"),
+                          (["synth", "out", "--images", "many"], "Invalid value for '--images'")):
+        done = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, (args, done.stderr)
+        assert done.stdout == ""
