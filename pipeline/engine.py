@@ -167,7 +167,11 @@ def _round(job: dict, out: str, number: int, previous: dict, progress: Progress)
             return manifest
         progress(f"round {number}: {stage}", 1 + (number - 1) * len(stages(job)) + index, _steps(job))
         start = time.perf_counter()
-        manifest.update(_STAGE[stage](job, folder, current, manifest))
+        if stage == "retrain":  # training's own reports (its steps, "resumed at step S of N") as lines under the stage's
+            manifest.update(_retrain(job, folder, current, manifest,
+                                     lambda what, done=None, total=None: progress(f"round {number}: retrain: {what}")))
+        else:
+            manifest.update(_STAGE[stage](job, folder, current, manifest))
         manifest["stages"][stage] = {"state": "done", "seconds": round(time.perf_counter() - start, 1)}
         _save(uri, manifest)
     return manifest
@@ -292,7 +296,7 @@ def import_review(out: str, number: int, corrected: str) -> dict:
     return summary
 
 
-def _retrain(job: dict, folder: str, current: str, manifest: dict) -> dict:
+def _retrain(job: dict, folder: str, current: str, manifest: dict, progress: Progress = quiet) -> dict:
     from pipeline.train import TrainConfig
     from pipeline.train import run as train
 
@@ -313,7 +317,7 @@ def _retrain(job: dict, folder: str, current: str, manifest: dict) -> dict:
                                steps=options["steps"], batch_size=options["batch_size"],
                                learning_rate=options["learning_rate"], workers=options["workers"],
                                gpus_per_worker=options["gpus_per_worker"], seed=options["seed"], resume=resume,
-                               address=job.get("address")))
+                               address=job.get("address")), progress=progress)
     return {"trained": {"model": result.model, "steps": result.steps,
                         "fingerprint": fingerprint(result.model, job["model"])}}
 
